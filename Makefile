@@ -1,0 +1,28 @@
+# Front door: `make demo` (set up + train + evaluate on the embedded digits set), `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lossbench-installed
+
+.PHONY: install ext demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+# Build (or find in the cache) the C++/CUDA extension of cut cross-entropy.
+ext: install
+	$(PY) -m lossbench.cce.build
+
+demo: install
+	$(PY) train.py -c configs/demo.yaml --resume
+	$(PY) eval.py --run runs/demo
+
+test: install ext
+	LOSSBENCH_REQUIRE_EXT=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf runs build *.egg-info

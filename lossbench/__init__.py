@@ -1,0 +1,19 @@
+"""lossbench: classifier losses and heads, faithful to their papers, importable anywhere."""
+
+from .registry import build_head, create_loss, list_losses, register_loss
+from .losses import Head, LinearHead, LogitLoss
+from .losses.energy_margin import EnergyMarginLoss  # auxiliary OOD term, not registered
+from .losses import (  # the loss zoo
+    CrammerSingerLoss, CrossEntropyLoss, GumbelSoftmaxLoss, GumbelTemperatureSchedule, L1SVMHead,
+    L2SVMHead, NBCSoftmaxHead, NoisySoftmaxHead, WCDASHead, WestonWatkinsLoss, ZLoss,
+    gumbel_softmax, log_partition_penalty, z_loss,
+)
+
+__all__ = [
+    "build_head", "create_loss", "list_losses", "register_loss",
+    "Head", "LinearHead", "LogitLoss", "EnergyMarginLoss",
+    "CrammerSingerLoss", "CrossEntropyLoss", "GumbelSoftmaxLoss", "GumbelTemperatureSchedule",
+    "L1SVMHead", "L2SVMHead", "NBCSoftmaxHead", "NoisySoftmaxHead", "WCDASHead", "WestonWatkinsLoss",
+    "ZLoss", "gumbel_softmax", "log_partition_penalty", "z_loss",
+]
+__version__ = "0.1.0"

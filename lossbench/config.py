@@ -1,0 +1,149 @@
+"""Training configuration: argparse defaults, overridden by a YAML file, overridden by the command line.
+
+timm's convention: ``-c/--config FILE`` is read first and fed to ``parser.set_defaults``, so the file
+is the default and flags win. A key in the file that is not a known option is an error that names
+the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid."""
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(t) for t in str(text).replace(",", " ").split()]
+
+
+def _json_dict(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--loss-args must be a JSON object, got {text!r}: {err}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--loss-args must be a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``train.py``; the defaults train resnet18 on the embedded digits set."""
+    p = argparse.ArgumentParser(
+        description="Train a timm backbone with a lossbench loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-c", "--config", default=None, help="YAML file whose keys set these options' defaults")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="digits | mnist | fashionmnist | cifar10 | cifar100 | svhn | imagefolder:<path>")
+    g.add_argument("--data-root", default=None, help="folder holding the data set files (default $LOSSBENCH_DATA or ./data)")
+    g.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
+    g.add_argument("--img-size", type=int, default=32)
+    g.add_argument("--channels", type=int, default=None, help="force 1 or 3 input channels")
+    g.add_argument("--id-classes", type=_int_list, default=None, help="in-distribution classes, e.g. 0,1,2,3,4,5; others are held out as OOD")
+    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", help="any timm.create_model name")
+    g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub)")
+    g.add_argument("--pretrained-file", default=None, help="local weights file for the backbone")
+    g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--loss", default="ce", help="a name from lossbench.list_losses()")
+    g.add_argument("--loss-args", type=_json_dict, default={}, help="JSON object of loss hyper-parameters")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps in total")
+    g = p.add_argument_group("outlier exposure (energy-bounded fine-tuning, Liu et al. 2020)")
+    g.add_argument("--outlier-data", default=None, help="OOD set name used as auxiliary outliers in training (e.g. gaussian, uniform, a data set name)")
+    g.add_argument("--energy-weight", type=float, default=0.1)
+    g.add_argument("--m-in", type=float, default=-23.0)
+    g.add_argument("--m-out", type=float, default=-5.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--output", default="runs", help="parent folder of run folders")
+    g.add_argument("--name", default=None, help="run folder name (default: <data>-<model>-<loss>)")
+    g.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if it exists")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--stop-after-epochs", type=int, default=None, help="exit after this many epochs of this invocation (for tests of resume)")
+    return p
+
+
+def config_keys(parser: argparse.ArgumentParser) -> List[str]:
+    return sorted(a.dest for a in parser._actions if a.dest not in ("help", "config"))
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def apply_config(parser: argparse.ArgumentParser, data: Dict[str, Any], source: str) -> None:
+    """Set ``parser``'s defaults from ``data`` (keys may use '-' or '_'); unknown keys are an error."""
+    valid = config_keys(parser)
+    clean: Dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in valid:
+            raise ConfigError(f"unknown config key {key!r} in {source}; valid keys are: {', '.join(valid)}")
+        if dest == "loss_args" and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key 'loss_args' in {source} must be a mapping, got {value!r}")
+        if dest == "id_classes" and isinstance(value, str):
+            value = _int_list(value)
+        clean[dest] = {} if dest == "loss_args" and value is None else value
+    parser.set_defaults(**clean)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Resolve the configuration: defaults < ``--config`` file < command-line flags."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        apply_config(parser, load_yaml(pre.config), pre.config)
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "img_size"):
+        if getattr(args, name) is None or getattr(args, name) <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(args, name)!r}")
+    if args.lr <= 0:
+        raise ConfigError(f"lr must be > 0, got {args.lr}")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {args.channels}")
+
+
+def to_dict(args: argparse.Namespace) -> Dict[str, Any]:
+    """The resolved configuration as a plain dict (what ``config.yaml`` of a run holds)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k != "config"}
+
+
+def from_dict(data: Dict[str, Any]) -> argparse.Namespace:
+    """Rebuild a namespace from a saved configuration; keys unknown to this version are an error."""
+    parser = build_parser()
+    apply_config(parser, data, "saved config")
+    args = parser.parse_args([])
+    return args

@@ -1,0 +1,366 @@
+"""Data sets by name: the embedded digits default, torchvision sets, ImageFolder, and noise.
+
+``get_data(name, ...)`` returns a :class:`DataBundle` with deterministic train/val/test splits and,
+when some classes are held out, an out-of-distribution split of those classes. Every image is
+brought to one :class:`ImageSpec` (channels, size, normalisation) so that OOD sets from other
+sources can be fed to the same model.
+
+Names: ``digits`` (scikit-learn's bundled ``load_digits``; nothing is downloaded), ``mnist``,
+``fashionmnist``, ``cifar10``, ``cifar100``, ``svhn`` (torchvision's classes, ``download=False`` by
+default), ``imagefolder:<path>`` (a folder with ``train/`` and ``test/`` sub-folders, or a single
+folder of class folders that is split here), and for OOD only ``gaussian`` / ``uniform`` noise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+TORCHVISION_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
+NOISE_SETS = ("gaussian", "uniform")
+DATASET_NAMES = ("digits",) + TORCHVISION_SETS + ("imagefolder:<path>",)
+
+# Per-data-set normalisation (mean, std per channel) and native channels.
+_STATS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...], int]] = {
+    "digits": ((0.3,), (0.33,), 1),
+    "mnist": ((0.1307,), (0.3081,), 1),
+    "fashionmnist": ((0.2860,), (0.3530,), 1),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 3),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 3),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 3),
+    "imagefolder": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 3),
+}
+
+# How to obtain each torchvision set when its files are absent.
+_HOW_TO_GET = {
+    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    "fashionmnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+    "cifar100": "cifar-100-python/{train,test,meta}",
+    "svhn": "{train,test}_32x32.mat",
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set's files are not under the given root."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The tensor form every image is brought to: ``channels`` x ``size`` x ``size``, normalised."""
+
+    channels: int
+    size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    def transform(self) -> Callable:
+        from torchvision import transforms as T
+
+        steps: List[Callable] = [
+            T.Grayscale(num_output_channels=self.channels) if self.channels == 1 else T.Lambda(_to_rgb),
+            T.Resize((self.size, self.size), antialias=True),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ]
+        return T.Compose(steps)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Normalise images in ``[0, 1]`` of shape (N, channels, size, size)."""
+        mean = torch.tensor(self.mean, dtype=x01.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x01.dtype).view(1, -1, 1, 1)
+        return (x01 - mean) / std
+
+
+def _to_rgb(img):
+    return img.convert("RGB")
+
+
+@dataclass
+class DataBundle:
+    """Splits of one in-distribution data set, plus OOD sets that come with it (held-out classes)."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    classes: List[str]
+    spec: ImageSpec
+    ood: Dict[str, Dataset] = field(default_factory=dict)
+
+
+class LabeledTransform(Dataset):
+    """Apply ``transform`` to the images of ``base`` and map labels through ``label_map``."""
+
+    def __init__(self, base: Dataset, transform: Optional[Callable] = None,
+                 label_map: Optional[Dict[int, int]] = None):
+        self.base, self.transform, self.label_map = base, transform, label_map
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        y = int(y)
+        if self.label_map is not None:
+            y = self.label_map.get(y, -1)
+        return x, y
+
+
+class NoiseDataset(Dataset):
+    """Synthetic OOD images: ``gaussian`` N(0.5, 0.25^2) or ``uniform`` U(0, 1) pixels, clipped to [0, 1]
+    and normalised with the in-distribution spec. Deterministic given ``seed``; labels are -1."""
+
+    def __init__(self, kind: str, n: int, spec: ImageSpec, seed: int = 0):
+        if kind not in NOISE_SETS:
+            raise ValueError(f"noise kind must be one of {NOISE_SETS}, got {kind!r}")
+        g = torch.Generator().manual_seed(seed)
+        shape = (n, spec.channels, spec.size, spec.size)
+        if kind == "gaussian":
+            x = (0.5 + 0.25 * torch.randn(shape, generator=g)).clamp_(0, 1)
+        else:
+            x = torch.rand(shape, generator=g)
+        self.x = spec.normalize(x)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.x[i], -1
+
+
+def default_data_root() -> str:
+    """``$LOSSBENCH_DATA`` if set, else ``./data``."""
+    return os.environ.get("LOSSBENCH_DATA", "data")
+
+
+def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> List[np.ndarray]:
+    """Indices split by class proportion, deterministic in ``seed``; ``fractions`` are of the whole."""
+    idx = np.arange(len(labels))
+    out: List[np.ndarray] = []
+    rest_idx, rest_y, remaining = idx, labels, 1.0
+    for frac in fractions:
+        take = frac / remaining
+        rest_idx, part, rest_y, _ = train_test_split(
+            rest_idx, rest_y, test_size=take, random_state=seed, stratify=rest_y
+        )
+        out.append(np.sort(part))
+        remaining -= frac
+    out.insert(0, np.sort(rest_idx))
+    return out
+
+
+def _digits(spec_size: int, seed: int, id_classes: Optional[Sequence[int]], val_fraction: float,
+            test_fraction: float) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(spec_size, spec_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    mean, std, ch = _STATS["digits"]
+    spec = ImageSpec(ch, spec_size, mean, std)
+    x = spec.normalize(x)
+    y = np.asarray(d.target, dtype=np.int64)
+    id_classes = list(range(6)) if id_classes is None else list(id_classes)
+    _check_id_classes(id_classes, 10)
+    label_map = {c: i for i, c in enumerate(id_classes)}
+    in_mask = np.isin(y, id_classes)
+    in_idx, out_idx = np.flatnonzero(in_mask), np.flatnonzero(~in_mask)
+    tr, va, te = _stratified_split(y[in_idx], [val_fraction, test_fraction], seed)
+    y_mapped = torch.tensor([label_map.get(int(c), -1) for c in y])
+
+    def subset(ids: np.ndarray) -> TensorDataset:
+        ids_t = torch.as_tensor(ids)
+        return TensorDataset(x[ids_t], y_mapped[ids_t])
+
+    ood = {"heldout": subset(out_idx)} if len(out_idx) else {}
+    # Held-out test images of the OOD classes are kept apart from every in-distribution split.
+    return DataBundle("digits", subset(in_idx[tr]), subset(in_idx[va]), subset(in_idx[te]),
+                      len(id_classes), [str(c) for c in id_classes], spec, ood)
+
+
+def _check_id_classes(id_classes: Sequence[int], n: int) -> None:
+    if len(set(id_classes)) != len(id_classes) or len(id_classes) < 2:
+        raise ValueError(f"id_classes must be >= 2 distinct class indices, got {list(id_classes)}")
+    bad = [c for c in id_classes if not 0 <= int(c) < n]
+    if bad:
+        raise ValueError(f"id_classes must lie in [0, {n}), got {bad}")
+
+
+def _torchvision_split(name: str, root: str, train: bool, download: bool):
+    from torchvision import datasets as D
+
+    try:
+        if name == "mnist":
+            return D.MNIST(root, train=train, download=download)
+        if name == "fashionmnist":
+            return D.FashionMNIST(root, train=train, download=download)
+        if name == "cifar10":
+            return D.CIFAR10(root, train=train, download=download)
+        if name == "cifar100":
+            return D.CIFAR100(root, train=train, download=download)
+        return D.SVHN(root, split="train" if train else "test", download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found ..." / integrity errors
+        raise DatasetNotFoundError(
+            f"data set {name!r} was not found under data_root={str(root)!r}: looked for "
+            f"{os.path.join(str(root), _HOW_TO_GET[name])}. Put the original files there, pass "
+            f"--data-root to where they are, or add --download to fetch them with torchvision "
+            f"(needs internet). ({err})"
+        ) from None
+
+
+def _targets(ds) -> np.ndarray:
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+def _image_folder(path: str):
+    from torchvision.datasets import ImageFolder
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DatasetNotFoundError(
+            f"imagefolder path {path!r} is not a directory; expected <path>/<class>/<image> or "
+            f"<path>/train/<class>/<image> and <path>/test/<class>/<image>"
+        )
+    if (p / "train").is_dir():
+        train = ImageFolder(str(p / "train"))
+        test = ImageFolder(str(p / "test")) if (p / "test").is_dir() else None
+        return train, test
+    return ImageFolder(str(p)), None
+
+
+def _split_bundle(name: str, train_base, test_base, classes: List[str], spec: ImageSpec, seed: int,
+                  id_classes: Optional[Sequence[int]], val_fraction: float,
+                  test_fraction: float) -> DataBundle:
+    tf = spec.transform()
+    y_train = _targets(train_base)
+    n_all = len(classes)
+    id_list = list(range(n_all)) if id_classes is None else [int(c) for c in id_classes]
+    _check_id_classes(id_list, n_all)
+    label_map = {c: i for i, c in enumerate(id_list)}
+    in_idx = np.flatnonzero(np.isin(y_train, id_list))
+    if test_base is None:
+        tr, va, te = _stratified_split(y_train[in_idx], [val_fraction, test_fraction], seed)
+        test_ds = Subset(train_base, in_idx[te].tolist())
+        out_base, out_idx = train_base, None
+    else:
+        tr, va = _stratified_split(y_train[in_idx], [val_fraction], seed)
+        y_test = _targets(test_base)
+        test_ds = Subset(test_base, np.flatnonzero(np.isin(y_test, id_list)).tolist())
+        out_base, out_idx = test_base, np.flatnonzero(~np.isin(y_test, id_list))
+    ood: Dict[str, Dataset] = {}
+    if id_classes is not None:
+        if out_idx is None:
+            all_out = np.flatnonzero(~np.isin(y_train, id_list))
+            out_idx = all_out
+        if len(out_idx):
+            ood["heldout"] = LabeledTransform(Subset(out_base, out_idx.tolist()), tf, label_map)
+    wrap = lambda ds: LabeledTransform(ds, tf, label_map)  # noqa: E731
+    return DataBundle(name, wrap(Subset(train_base, in_idx[tr].tolist())),
+                      wrap(Subset(train_base, in_idx[va].tolist())), wrap(test_ds),
+                      len(id_list), [classes[c] for c in id_list], spec, ood)
+
+
+def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 32,
+             channels: Optional[int] = None, seed: int = 0, id_classes: Optional[Sequence[int]] = None,
+             val_fraction: float = 0.1, test_fraction: float = 0.2, download: bool = False) -> DataBundle:
+    """Load the in-distribution data set ``name`` with deterministic splits.
+
+    ``digits`` keeps classes 0-5 in-distribution and returns 6-9 as the ``heldout`` OOD set unless
+    ``id_classes`` says otherwise; other sets hold classes out only when ``id_classes`` is given.
+    ``test_fraction`` is used only where the source has no test split of its own.
+    """
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction and test_fraction must be in (0, 1) with sum < 1, got {val_fraction}, {test_fraction}"
+        )
+    key = str(name).lower()
+    if key == "digits":
+        bundle = _digits(img_size, seed, id_classes, val_fraction, test_fraction)
+        if channels not in (None, 1):
+            raise ValueError(f"digits has 1 channel; channels={channels} is not supported")
+        return bundle
+    root = root or default_data_root()
+    if key in TORCHVISION_SETS:
+        mean, std, ch = _STATS[key]
+        ch = channels or ch
+        mean, std = _fit_stats(mean, std, ch)
+        spec = ImageSpec(ch, img_size, mean, std)
+        train_base = _torchvision_split(key, root, True, download)
+        test_base = _torchvision_split(key, root, False, download)
+        classes = _classes(train_base)
+        return _split_bundle(key, train_base, test_base, classes, spec, seed, id_classes,
+                             val_fraction, test_fraction)
+    if key.startswith("imagefolder:"):
+        path = name.split(":", 1)[1]
+        train_base, test_base = _image_folder(path)
+        mean, std, ch = _STATS["imagefolder"]
+        ch = channels or ch
+        mean, std = _fit_stats(mean, std, ch)
+        spec = ImageSpec(ch, img_size, mean, std)
+        return _split_bundle(key, train_base, test_base, list(train_base.classes), spec, seed,
+                             id_classes, val_fraction, test_fraction)
+    raise ValueError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+
+
+def _fit_stats(mean, std, ch):
+    if len(mean) == ch:
+        return tuple(mean), tuple(std)
+    return (float(np.mean(mean)),) * ch, (float(np.mean(std)),) * ch
+
+
+def _classes(ds) -> List[str]:
+    if hasattr(ds, "classes"):
+        return [str(c) for c in ds.classes]
+    return [str(c) for c in sorted(set(_targets(ds).tolist()))]
+
+
+def get_ood_dataset(name: str, bundle: DataBundle, root: Optional[str] = None, n_noise: int = 1000,
+                    seed: int = 0, download: bool = False, max_samples: Optional[int] = None) -> Dataset:
+    """An OOD set for a model trained on ``bundle``: ``heldout``, ``gaussian``, ``uniform``, or another
+    data set by name (its test split, or all of an ImageFolder), brought to ``bundle.spec``.
+
+    ``max_samples`` takes a deterministic random subset (seeded) of a large set.
+    """
+    key = str(name).lower()
+    if key == "heldout":
+        if "heldout" not in bundle.ood:
+            raise ValueError(
+                f"OOD set 'heldout' needs held-out classes; data set {bundle.name!r} has none "
+                f"(pass id_classes / --id-classes)"
+            )
+        ds = bundle.ood["heldout"]
+    elif key in NOISE_SETS:
+        ds = NoiseDataset(key, n_noise, bundle.spec, seed)
+    elif key in TORCHVISION_SETS:
+        ds = LabeledTransform(_torchvision_split(key, root or default_data_root(), False, download),
+                              bundle.spec.transform(), label_map={})
+    elif key.startswith("imagefolder:"):
+        train_base, test_base = _image_folder(name.split(":", 1)[1])
+        ds = LabeledTransform(test_base if test_base is not None else train_base,
+                              bundle.spec.transform(), label_map={})
+    elif key == "digits":
+        raise ValueError("'digits' as an OOD set is not supported; use heldout classes instead")
+    else:
+        raise ValueError(
+            f"unknown OOD set name {name!r}; expected 'heldout', 'gaussian', 'uniform', one of "
+            f"{list(TORCHVISION_SETS)} or 'imagefolder:<path>'"
+        )
+    if max_samples is not None and len(ds) > max_samples:
+        g = torch.Generator().manual_seed(seed)
+        ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_samples].sort().values.tolist())
+    return ds

@@ -1,0 +1,303 @@
+"""Train and evaluate loops that ``train.py`` and ``eval.py`` call.
+
+Data flows one way: config -> data + timm backbone -> features -> head/loss -> trainer ->
+checkpoint. Training is seeded and deterministic on the CPU: the shuffling of epoch ``e`` is drawn
+from a generator seeded with ``seed + e`` and the global RNG states are saved in every checkpoint,
+so a run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import random
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from .calibration import expected_calibration_error
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import from_dict, to_dict
+from .data import DataBundle, get_data, get_ood_dataset
+from .models import Classifier, create_model
+
+# Options that may differ between a run and its resumption.
+RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output")
+LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_ece", "seconds")
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                workers: int = 0, drop_last: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+                      drop_last=drop_last and len(ds) > batch_size)
+
+
+def load_bundle(args: argparse.Namespace) -> DataBundle:
+    return get_data(args.data, root=args.data_root, img_size=args.img_size, channels=args.channels,
+                    seed=args.seed, id_classes=args.id_classes, val_fraction=args.val_fraction,
+                    download=args.download)
+
+
+def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
+    return create_model(args.model, bundle.num_classes, args.loss, args.loss_args,
+                        in_chans=bundle.spec.channels, pretrained=args.pretrained,
+                        pretrained_file=args.pretrained_file, drop_rate=args.drop_rate)
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": args.momentum} if args.opt == "sgd" else {}
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's cosine schedule with linear warm-up, stepped per optimisation step."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=args.min_lr, warmup_t=min(warmup, total - 1),
+                             warmup_lr_init=args.lr * 0.01, t_in_epochs=False, warmup_prefix=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every sample of ``loader`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    if not outs:
+        raise ValueError("the loader yielded no samples")
+    return torch.cat(outs), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1 accuracy, mean cross-entropy and 15-bin ECE of ``logits`` against ``labels``."""
+    return {
+        "acc": float((logits.argmax(1) == labels).double().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels)),
+        "ece": expected_calibration_error(logits, labels, n_bins=15),
+    }
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        for batch in loader:
+            yield batch
+
+
+class Trainer:
+    """One training run: folder ``<output>/<name>`` with ``config.yaml``, ``log.csv``, ``last.pt``, ``best.pt``."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = select_device(args.device)
+        if args.name is None:
+            args.name = f"{args.data.split(':')[0]}-{args.model}-{args.loss}"
+        self.run_dir = os.path.join(args.output, args.name)
+        seed_everything(args.seed)
+        self.bundle = load_bundle(args)
+        self.model = build_model(args, self.bundle).to(self.device)
+        self.optimizer = build_optimizer(args, self.model)
+        self.steps_per_epoch = len(self._train_loader(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training split is empty")
+        self.scheduler = build_scheduler(args, self.optimizer, self.steps_per_epoch)
+        self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
+        self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
+        self.log_rows: List[Dict[str, Any]] = []
+        self.energy_loss = None
+        self.outliers: Optional[Iterator] = None
+        if args.outlier_data:
+            from .losses.energy_margin import EnergyMarginLoss
+
+            self.energy_loss = EnergyMarginLoss(m_in=args.m_in, m_out=args.m_out, weight=args.energy_weight)
+            ods = get_ood_dataset(args.outlier_data, self.bundle, root=args.data_root, seed=args.seed + 1,
+                                  n_noise=len(self.bundle.train), download=args.download)
+            self.outliers = _cycle(make_loader(ods, args.batch_size, shuffle=True, seed=args.seed + 1,
+                                               workers=args.workers, drop_last=True))
+
+    # -- state -------------------------------------------------------------------------------
+    def _train_loader(self, epoch: int) -> DataLoader:
+        return make_loader(self.bundle.train, self.args.batch_size, shuffle=True,
+                           seed=self.args.seed * 1000 + epoch, workers=self.args.workers, drop_last=True)
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "best_val_acc": self.best_val_acc, "config": to_dict(self.args), "log": list(self.log_rows),
+            "rng": rng_state(), "classes": self.bundle.classes, "num_classes": self.bundle.num_classes,
+        }
+
+    def resume(self, path: str) -> None:
+        state = load_checkpoint(path)
+        saved = {k: v for k, v in state["config"].items() if k not in RUN_CONTROL_KEYS}
+        now = {k: v for k, v in to_dict(self.args).items() if k not in RUN_CONTROL_KEYS}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {path!r} was written with a different configuration "
+                f"({', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff)}); "
+                f"resume with the same options or choose another --name"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path!r} does not fit this model/optimizer: {err}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.best_val_acc = float(state.get("best_val_acc", -1.0))
+        self.log_rows = list(state.get("log", []))
+        set_rng_state(state["rng"])
+
+    def _write_log(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        for row in self.log_rows:
+            w.writerow({k: row.get(k) for k in LOG_FIELDS})
+        atomic_write_text(os.path.join(self.run_dir, "log.csv"), buf.getvalue())
+
+    # -- loop --------------------------------------------------------------------------------
+    def train_epoch(self) -> Dict[str, float]:
+        from tqdm import tqdm
+
+        args, model = self.args, self.model
+        model.train()
+        loader = self._train_loader(self.epoch)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{args.epochs}", disable=args.no_progress,
+                   leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            if args.max_steps is not None and self.global_step >= args.max_steps:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            self.model.head.on_step(self.global_step)
+            if self.energy_loss is None:
+                loss, logits = model.loss(x, y)
+            else:
+                x_out, _ = next(self.outliers)
+                f = model.features(torch.cat([x, x_out.to(self.device)]))
+                f_in, f_out = f[: x.shape[0]], f[x.shape[0]:]
+                logits_in = model.head.logits(f_in)
+                loss = model.head(f_in, y) + self.energy_loss(logits_in, model.head.logits(f_out))
+                logits = logits_in.detach()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            self.optimizer.step()
+            self.global_step += 1
+            self.scheduler.step_update(self.global_step)
+            n = y.shape[0]
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def fit(self) -> Dict[str, Any]:
+        args = self.args
+        os.makedirs(self.run_dir, exist_ok=True)
+        last = os.path.join(self.run_dir, "last.pt")
+        if os.path.exists(last):
+            if not args.resume:
+                raise FileExistsError(
+                    f"run folder {self.run_dir!r} already holds a checkpoint; pass --resume to continue it "
+                    f"or --name to start another run"
+                )
+            self.resume(last)
+            print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}")
+        atomic_write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(to_dict(args), sort_keys=True))
+        done_now = 0
+        while self.epoch < args.epochs:
+            if args.max_steps is not None and self.global_step >= args.max_steps:
+                break
+            t0 = time.time()
+            row = self.train_epoch()
+            val = classification_metrics(*predict(self.model, self.val_loader, self.device))
+            self.epoch += 1
+            row.update(epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
+                       val_loss=val["loss"], val_acc=val["acc"], val_ece=val["ece"], seconds=time.time() - t0)
+            self.log_rows.append(row)
+            improved = val["acc"] > self.best_val_acc
+            if improved:
+                self.best_val_acc = val["acc"]
+            state = self.state()
+            save_checkpoint(last, state)
+            if improved:
+                save_checkpoint(os.path.join(self.run_dir, "best.pt"), state)
+            self._write_log()
+            print(f"epoch {self.epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                  f"val acc {val['acc']:.4f}  val ece {val['ece']:.4f}  ({row['seconds']:.1f}s)", flush=True)
+            done_now += 1
+            if args.stop_after_epochs is not None and done_now >= args.stop_after_epochs:
+                break
+        if not os.path.exists(last):  # zero epochs to run (e.g. max_steps=0): still leave a checkpoint
+            save_checkpoint(last, self.state())
+        return {"run_dir": self.run_dir, "epoch": self.epoch, "global_step": self.global_step,
+                "best_val_acc": self.best_val_acc}
+
+
+def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
+    """Rebuild the model, configuration and data of a saved run from its checkpoint file."""
+    state = load_checkpoint(checkpoint)
+    args = from_dict(state["config"])
+    args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
+    dev = select_device(device)
+    bundle = load_bundle(args)
+    model = build_model(args, bundle)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit the model its config describes: {err}") from None
+    model.to(dev).eval()
+    return model, args, bundle, state

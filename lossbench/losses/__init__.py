@@ -1,0 +1,28 @@
+"""Every loss and head; importing this package registers them all."""
+
+from .base import Head, LinearHead, LogitLoss
+from .cross_entropy import CrossEntropyLoss, log_partition_penalty
+from .gumbel_softmax import (
+    GumbelSoftmaxLoss, GumbelTemperatureSchedule, gumbel_softmax, gumbel_softmax_from_noise, sample_gumbel,
+)
+from .nbc_softmax import NBCSoftmaxHead, nbc_loss
+from .noisy_softmax import NoisySoftmaxHead, noisy_target_logits
+from .svm import (
+    CrammerSingerLoss, L1SVMHead, L2SVMHead, WestonWatkinsLoss, crammer_singer_loss, one_vs_rest_hinge,
+    weston_watkins_loss,
+)
+from .wcdas import WCDASHead, wrapped_cauchy_logits
+from .z_loss import ZLoss, z_loss, z_normalize
+
+__all__ = [
+    "Head", "LinearHead", "LogitLoss",
+    "CrossEntropyLoss", "log_partition_penalty",
+    "GumbelSoftmaxLoss", "GumbelTemperatureSchedule", "gumbel_softmax", "gumbel_softmax_from_noise",
+    "sample_gumbel",
+    "NBCSoftmaxHead", "nbc_loss",
+    "NoisySoftmaxHead", "noisy_target_logits",
+    "CrammerSingerLoss", "L1SVMHead", "L2SVMHead", "WestonWatkinsLoss", "crammer_singer_loss",
+    "one_vs_rest_hinge", "weston_watkins_loss",
+    "WCDASHead", "wrapped_cauchy_logits",
+    "ZLoss", "z_loss", "z_normalize",
+]

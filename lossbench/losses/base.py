@@ -1,0 +1,76 @@
+"""The two kinds of loss in lossbench and the step hook the trainer calls.
+
+* :class:`LogitLoss` -- ``loss(logits, target)``, like ``torch.nn.CrossEntropyLoss``.
+* :class:`Head` -- owns the classifier weights: ``head(features, target) -> loss`` for training,
+  ``head.logits(features)`` for inference and OOD scoring.
+
+Both have ``on_step(step)``: the trainer calls it once per optimisation step (``step`` counts
+from 0) so that schedules a paper anneals (temperatures, noise) also run in a user's own loop.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..validation import check_features
+
+
+class LogitLoss(nn.Module, metaclass=abc.ABCMeta):
+    """Base class for losses computed from logits ``(N, C)`` and class indices ``(N,)``."""
+
+    def on_step(self, step: int) -> None:  # noqa: D401 - hook
+        """Advance any schedule to optimisation step ``step`` (no-op by default)."""
+
+    @abc.abstractmethod
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Scalar (or per-sample, with ``reduction='none'``) loss."""
+
+
+class Head(nn.Module, metaclass=abc.ABCMeta):
+    """Base class for heads that own the classifier weights.
+
+    Subclasses set ``in_features`` and ``num_classes`` and implement ``logits`` and ``forward``.
+    """
+
+    in_features: int
+    num_classes: int
+
+    def on_step(self, step: int) -> None:
+        """Advance any schedule to optimisation step ``step`` (no-op by default)."""
+
+    def check_features(self, features: Tensor) -> None:
+        check_features(features, self.in_features, "features")
+
+    @abc.abstractmethod
+    def logits(self, features: Tensor) -> Tensor:
+        """Class scores ``(N, num_classes)`` for inference and OOD scoring (no noise, no sampling)."""
+
+    @abc.abstractmethod
+    def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        """Training loss from features ``(N, in_features)`` and class indices ``(N,)``."""
+
+
+class LinearHead(Head):
+    """``nn.Linear`` followed by a :class:`LogitLoss`: how the trainer uses any loss on logits."""
+
+    def __init__(self, in_features: int, num_classes: int, criterion: nn.Module, bias: bool = True):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
+        self.criterion = criterion
+
+    def on_step(self, step: int) -> None:
+        hook = getattr(self.criterion, "on_step", None)
+        if hook is not None:
+            hook(step)
+
+    def logits(self, features: Tensor) -> Tensor:
+        self.check_features(features)
+        return self.fc(features)
+
+    def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        return self.criterion(self.logits(features), target)
