@@ -16,7 +16,9 @@ def main(argv=None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     summary = Trainer(args).fit()
-    print(f"run folder: {summary['run_dir']}  (epoch {summary['epoch']}, best val acc {summary['best_val_acc']:.4f})")
+    if summary["is_main"]:
+        print(f"run folder: {summary['run_dir']}  (epoch {summary['epoch']}, "
+              f"best val acc {summary['best_val_acc']:.4f})")
     return 0
 
 

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels", type=int, default=None, help="force 1 or 3 input channels")
     g.add_argument("--id-classes", type=_int_list, default=None, help="in-distribution classes, e.g. 0,1,2,3,4,5; others are held out as OOD")
     g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--max-train-samples", type=int, default=None, help="keep a class-stratified subset of the training split")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--workers", type=int, default=0)
     g = p.add_argument_group("model")
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="run folder name (default: <data>-<model>-<loss>)")
     g.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if it exists")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU; on CUDA --amp-dtype")
+    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype on CUDA (float16 uses a grad scaler)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True, help="SyncBatchNorm under DDP on GPUs")
     g.add_argument("--stop-after-epochs", type=int, default=None, help="exit after this many epochs of this invocation (for tests of resume)")
     return p
 

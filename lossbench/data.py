@@ -277,13 +277,31 @@ def _split_bundle(name: str, train_base, test_base, classes: List[str], spec: Im
 
 def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 32,
              channels: Optional[int] = None, seed: int = 0, id_classes: Optional[Sequence[int]] = None,
-             val_fraction: float = 0.1, test_fraction: float = 0.2, download: bool = False) -> DataBundle:
+             val_fraction: float = 0.1, test_fraction: float = 0.2, download: bool = False,
+             max_train_samples: Optional[int] = None) -> DataBundle:
     """Load the in-distribution data set ``name`` with deterministic splits.
 
     ``digits`` keeps classes 0-5 in-distribution and returns 6-9 as the ``heldout`` OOD set unless
     ``id_classes`` says otherwise; other sets hold classes out only when ``id_classes`` is given.
     ``test_fraction`` is used only where the source has no test split of its own.
+    ``max_train_samples`` keeps a deterministic, class-stratified subset of the training split.
     """
+    bundle = _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction, download)
+    if max_train_samples is not None:
+        if max_train_samples < bundle.num_classes:
+            raise ValueError(f"max_train_samples must be >= the number of classes ({bundle.num_classes}), "
+                             f"got {max_train_samples}")
+        if max_train_samples < len(bundle.train):
+            labels = np.asarray([int(bundle.train[i][1]) for i in range(len(bundle.train))]) \
+                if not isinstance(bundle.train, TensorDataset) else bundle.train.tensors[1].numpy()
+            keep, _ = train_test_split(np.arange(len(labels)), train_size=max_train_samples,
+                                       random_state=seed, stratify=labels)
+            bundle.train = Subset(bundle.train, np.sort(keep).tolist())
+    return bundle
+
+
+def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction,
+              download) -> DataBundle:
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction and test_fraction must be in (0, 1) with sum < 1, got {val_fraction}, {test_fraction}"

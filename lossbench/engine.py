@@ -27,10 +27,11 @@ from .calibration import expected_calibration_error
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import from_dict, to_dict
 from .data import DataBundle, get_data, get_ood_dataset
+from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
 from .models import Classifier, create_model
 
 # Options that may differ between a run and its resumption.
-RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output")
+RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile")
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_ece", "seconds")
 
 
@@ -74,7 +75,7 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int =
 def load_bundle(args: argparse.Namespace) -> DataBundle:
     return get_data(args.data, root=args.data_root, img_size=args.img_size, channels=args.channels,
                     seed=args.seed, id_classes=args.id_classes, val_fraction=args.val_fraction,
-                    download=args.download)
+                    download=args.download, max_train_samples=args.max_train_samples)
 
 
 def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
@@ -130,26 +131,56 @@ def _cycle(loader: DataLoader) -> Iterator:
             yield batch
 
 
+class LossStep(nn.Module):
+    """The training computation as one module, so DistributedDataParallel sees every parameter use.
+
+    ``forward(x, y)`` -> (loss, detached logits); with outliers ``x_out`` the energy-bounded term of
+    Liu et al. 2020 is added.
+    """
+
+    def __init__(self, model: Classifier, energy_loss: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        self.energy_loss = energy_loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor] = None):
+        if x_out is None or self.energy_loss is None:
+            return self.model.loss(x, y)
+        f = self.model.features(torch.cat([x, x_out]))
+        f_in, f_out = f[: x.shape[0]], f[x.shape[0]:]
+        logits_in = self.model.head.logits(f_in)
+        loss = self.model.head(f_in, y) + self.energy_loss(logits_in.float(), self.model.head.logits(f_out).float())
+        return loss, logits_in.detach()
+
+
 class Trainer:
-    """One training run: folder ``<output>/<name>`` with ``config.yaml``, ``log.csv``, ``last.pt``, ``best.pt``."""
+    """One training run: folder ``<output>/<name>`` with ``config.yaml``, ``log.csv``, ``last.pt``, ``best.pt``.
+
+    Under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPUs): ``--batch-size``
+    is the global batch, every rank gets its slice of the same global batches (see
+    :mod:`lossbench.distributed`), training metrics are summed over ranks, and only rank 0 evaluates,
+    logs and writes checkpoints.
+    """
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = select_device(args.device)
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if args.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size {args.batch_size} (the global batch) must be divisible by the "
+                             f"number of processes {self.dist.world_size}")
         if args.name is None:
             args.name = f"{args.data.split(':')[0]}-{args.model}-{args.loss}"
         self.run_dir = os.path.join(args.output, args.name)
         seed_everything(args.seed)
         self.bundle = load_bundle(args)
         self.model = build_model(args, self.bundle).to(self.device)
-        self.optimizer = build_optimizer(args, self.model)
-        self.steps_per_epoch = len(self._train_loader(0))
-        if self.steps_per_epoch == 0:
-            raise ValueError("the training split is empty")
-        self.scheduler = build_scheduler(args, self.optimizer, self.steps_per_epoch)
-        self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
-        self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
-        self.log_rows: List[Dict[str, Any]] = []
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = _amp_dtype(args, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.energy_loss = None
         self.outliers: Optional[Iterator] = None
         if args.outlier_data:
@@ -158,13 +189,33 @@ class Trainer:
             self.energy_loss = EnergyMarginLoss(m_in=args.m_in, m_out=args.m_out, weight=args.energy_weight)
             ods = get_ood_dataset(args.outlier_data, self.bundle, root=args.data_root, seed=args.seed + 1,
                                   n_noise=len(self.bundle.train), download=args.download)
-            self.outliers = _cycle(make_loader(ods, args.batch_size, shuffle=True, seed=args.seed + 1,
-                                               workers=args.workers, drop_last=True))
+            sampler = GlobalBatchSampler(len(ods), args.batch_size, args.seed + 1, self.dist.rank,
+                                         self.dist.world_size)
+            self.outliers = _cycle(DataLoader(ods, batch_sampler=sampler, num_workers=args.workers))
+        step: nn.Module = LossStep(self.model, self.energy_loss)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if args.sync_bn and self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                step = LossStep(self.model, self.energy_loss)
+            step = DDP(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_fn = torch.compile(step) if args.compile else step
+        self.optimizer = build_optimizer(args, self.model)
+        self.steps_per_epoch = len(self._train_loader(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training split is empty")
+        self.scheduler = build_scheduler(args, self.optimizer, self.steps_per_epoch)
+        self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
+        self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
+        self.log_rows: List[Dict[str, Any]] = []
 
     # -- state -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
-        return make_loader(self.bundle.train, self.args.batch_size, shuffle=True,
-                           seed=self.args.seed * 1000 + epoch, workers=self.args.workers, drop_last=True)
+        sampler = GlobalBatchSampler(len(self.bundle.train), self.args.batch_size,
+                                     seed=self.args.seed * 1000 + epoch, rank=self.dist.rank,
+                                     world_size=self.dist.world_size)
+        return DataLoader(self.bundle.train, batch_sampler=sampler, num_workers=self.args.workers)
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -172,6 +223,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
             "best_val_acc": self.best_val_acc, "config": to_dict(self.args), "log": list(self.log_rows),
             "rng": rng_state(), "classes": self.bundle.classes, "num_classes": self.bundle.num_classes,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def resume(self, path: str) -> None:
@@ -191,6 +243,8 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {path!r} does not fit this model/optimizer: {err}") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_val_acc = float(state.get("best_val_acc", -1.0))
         self.log_rows = list(state.get("log", []))
@@ -208,33 +262,38 @@ class Trainer:
     def train_epoch(self) -> Dict[str, float]:
         from tqdm import tqdm
 
-        args, model = self.args, self.model
-        model.train()
+        args = self.args
+        self.model.train()
         loader = self._train_loader(self.epoch)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{args.epochs}", disable=args.no_progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{args.epochs}",
+                   disable=args.no_progress or not self.dist.is_main, leave=False, dynamic_ncols=True)
         for x, y in bar:
             if args.max_steps is not None and self.global_step >= args.max_steps:
                 break
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x_out = next(self.outliers)[0].to(self.device) if self.outliers is not None else None
             self.model.head.on_step(self.global_step)
-            if self.energy_loss is None:
-                loss, logits = model.loss(x, y)
-            else:
-                x_out, _ = next(self.outliers)
-                f = model.features(torch.cat([x, x_out.to(self.device)]))
-                f_in, f_out = f[: x.shape[0]], f[x.shape[0]:]
-                logits_in = model.head.logits(f_in)
-                loss = model.head(f_in, y) + self.energy_loss(logits_in, model.head.logits(f_out))
-                logits = logits_in.detach()
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss, logits = self.step_fn(x, y, x_out)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            self.optimizer.step()
+                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.global_step += 1
             self.scheduler.step_update(self.global_step)
             n = y.shape[0]
@@ -242,12 +301,15 @@ class Trainer:
             correct += int((logits.argmax(1) == y).sum())
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], self.device, self.dist)
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
     def fit(self) -> Dict[str, Any]:
-        args = self.args
-        os.makedirs(self.run_dir, exist_ok=True)
+        args, main = self.args, self.dist.is_main
         last = os.path.join(self.run_dir, "last.pt")
+        if main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            _remove_stale_temp_files(self.run_dir)
         if os.path.exists(last):
             if not args.resume:
                 raise FileExistsError(
@@ -255,36 +317,58 @@ class Trainer:
                     f"or --name to start another run"
                 )
             self.resume(last)
-            print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}")
-        atomic_write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(to_dict(args), sort_keys=True))
+            if main:
+                print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}", flush=True)
+        barrier(self.dist)
+        if main:
+            atomic_write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(to_dict(args), sort_keys=True))
         done_now = 0
         while self.epoch < args.epochs:
             if args.max_steps is not None and self.global_step >= args.max_steps:
                 break
             t0 = time.time()
             row = self.train_epoch()
-            val = classification_metrics(*predict(self.model, self.val_loader, self.device))
             self.epoch += 1
-            row.update(epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
-                       val_loss=val["loss"], val_acc=val["acc"], val_ece=val["ece"], seconds=time.time() - t0)
-            self.log_rows.append(row)
-            improved = val["acc"] > self.best_val_acc
-            if improved:
-                self.best_val_acc = val["acc"]
-            state = self.state()
-            save_checkpoint(last, state)
-            if improved:
-                save_checkpoint(os.path.join(self.run_dir, "best.pt"), state)
-            self._write_log()
-            print(f"epoch {self.epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                  f"val acc {val['acc']:.4f}  val ece {val['ece']:.4f}  ({row['seconds']:.1f}s)", flush=True)
+            if main:
+                val = classification_metrics(*predict(self.model, self.val_loader, self.device))
+                row.update(epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
+                           val_loss=val["loss"], val_acc=val["acc"], val_ece=val["ece"], seconds=time.time() - t0)
+                self.log_rows.append(row)
+                improved = val["acc"] > self.best_val_acc
+                if improved:
+                    self.best_val_acc = val["acc"]
+                state = self.state()
+                save_checkpoint(last, state)
+                if improved:
+                    save_checkpoint(os.path.join(self.run_dir, "best.pt"), state)
+                self._write_log()
+                print(f"epoch {self.epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                      f"val acc {val['acc']:.4f}  val ece {val['ece']:.4f}  ({row['seconds']:.1f}s)", flush=True)
+            barrier(self.dist)
             done_now += 1
             if args.stop_after_epochs is not None and done_now >= args.stop_after_epochs:
                 break
-        if not os.path.exists(last):  # zero epochs to run (e.g. max_steps=0): still leave a checkpoint
+        if main and not os.path.exists(last):  # nothing to run (e.g. max_steps=0): still leave a checkpoint
             save_checkpoint(last, self.state())
+        barrier(self.dist)
         return {"run_dir": self.run_dir, "epoch": self.epoch, "global_step": self.global_step,
-                "best_val_acc": self.best_val_acc}
+                "best_val_acc": self.best_val_acc, "is_main": main}
+
+
+def _remove_stale_temp_files(folder: str) -> None:
+    """Delete temp files a killed writer left behind (see :func:`lossbench.checkpoint.atomic_write_bytes`)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(folder, name))
+
+
+def _amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``--amp``: bf16 on CPU; on CUDA ``--amp-dtype`` (fp16 uses a grad scaler)."""
+    if not args.amp:
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype]
 
 
 def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:

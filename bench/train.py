@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Training throughput (images/s): lossbench's trainer against a bare hand-written timm loop.
+
+Same model, data, batch size and optimiser, in one run; each variant warms up first (that also
+absorbs torch.compile's compilation) and is then timed over ``--steps`` optimisation steps.
+
+    python bench/train.py                       # resnet18 on the digits set, 32x32, batch 64
+    python bench/train.py --model resnet10t --steps 20 --variants bare,ours,channels_last
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lossbench.config import parse_args  # noqa: E402
+from lossbench.engine import Trainer, seed_everything  # noqa: E402
+
+VARIANTS = ("bare", "ours", "channels_last", "compile", "channels_last+compile")
+
+
+def bare_loop(trainer: Trainer, steps: int, warmup: int, channels_last: bool = False) -> float:
+    """The loop a user would write: timm model with its own classifier, AdamW, F.cross_entropy."""
+    import timm
+
+    args = trainer.args
+    seed_everything(args.seed)
+    model = timm.create_model(args.model, num_classes=trainer.bundle.num_classes,
+                              in_chans=trainer.bundle.spec.channels)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model.train()
+    loader = trainer._train_loader(0)
+    batches = [b for _, b in zip(range(steps + warmup), _forever(loader))]
+    n_img, t0 = 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            t0, n_img = time.perf_counter(), 0
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_img += y.shape[0]
+    return n_img / (time.perf_counter() - t0)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def ours(base: list, steps: int, warmup: int, extra: list) -> float:
+    """lossbench's Trainer.train_epoch (what train.py runs), without the per-epoch validation."""
+    args = parse_args(base + extra)
+    trainer = Trainer(args)
+    trainer.args.max_steps = warmup
+    trainer.train_epoch()
+    trainer.args.max_steps = warmup + steps
+    start_step = trainer.global_step
+    t0 = time.perf_counter()
+    done = 0
+    while trainer.global_step < warmup + steps:
+        trainer.epoch += 1
+        trainer.train_epoch()
+    done = (trainer.global_step - start_step) * args.batch_size
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    a = p.parse_args()
+    base = ["--model", a.model, "--data", a.data, "--img-size", str(a.img_size), "--batch-size", str(a.batch_size),
+            "--epochs", "1000", "--no-progress", "--loss", "ce", "--output", "build/bench-train"]
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}; expected some of {VARIANTS}")
+    ref_trainer = Trainer(parse_args(base))
+    results = {}
+    for v in variants:
+        runs = []
+        for _ in range(a.repeats):
+            if v == "bare":
+                runs.append(bare_loop(ref_trainer, a.steps, a.warmup))
+            else:
+                extra = []
+                if "channels_last" in v:
+                    extra.append("--channels-last")
+                if "compile" in v:
+                    extra.append("--compile")
+                runs.append(ours(base, a.steps, a.warmup, extra))
+        results[v] = statistics.median(runs)
+        print(f"  {v}: {results[v]:.1f} img/s (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+    ref = results.get("bare")
+    print(f"\nmodel {a.model}, data {a.data} {a.img_size}x{a.img_size}, batch {a.batch_size}, "
+          f"{a.steps} timed steps after {a.warmup} warm-up, median of {a.repeats}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| variant | images/s | vs bare loop |")
+    print("|---|---:|---:|")
+    for v, r in results.items():
+        print(f"| {v} | {r:.1f} | {r / ref:.3f} |" if ref else f"| {v} | {r:.1f} | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""WCDAS (Han, ICML 2023): wrapped-Cauchy distributed angular softmax head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import register_loss
+from ..validation import check_features, check_positive, check_target
+from .base import Head
+from ._common import check_int
+
+__all__ = ["WCDASHead", "wrapped_cauchy_logits"]
+
+
+def wrapped_cauchy_logits(
+    features: Tensor, weight: Tensor, g: Tensor, scale: Tensor, rho_eps: float = 1e-6
+) -> Tensor:
+    """Wrapped-Cauchy kernel logits ``s (1 - rho_c^2) / (2 pi (1 + rho_c^2 - 2 rho_c cos theta_c))``.
+
+    Han, "Wrapped Cauchy Distributed Angular Softmax for Long-Tailed Visual Recognition",
+    ICML 2023, eq. of the WCDAS logit; official code boranhan/WCDAS_code ``models/Loss.py``
+    (class ``WCDAS``). cos theta_c = <x/||x||, w_c/||w_c||>, rho_c = sigmoid(g_c).
+    Evaluated in float32 (float64 stays float64) with autocast off, in the algebraically equal,
+    cancellation-free form s (1-rho)(1+rho) / (2 pi ((1-rho)^2 + 2 rho (1 - cos theta))),
+    where 1 - rho = sigmoid(-g) is clamped to >= ``rho_eps`` (rho < 1 always; in low precision
+    rho rounds to 1 and the official form gives 0/0) and 1 - cos theta is clamped to >= 0.
+    The official code writes 3.14 for pi (a 0.05 % rescale of s); we use pi.
+
+    Shapes: features ``(N, D)``, weight ``(C, D)``, g ``(C,)``, scale scalar -> ``(N, C)``.
+    """
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.to(dtype), dim=1)
+        w = F.normalize(weight.to(dtype), dim=1)
+        one_minus_cos = (1.0 - x @ w.t()).clamp_min(0.0)
+        g = g.to(dtype)
+        one_minus_rho = torch.sigmoid(-g).clamp_min(rho_eps)
+        rho = 1.0 - one_minus_rho
+        numerator = one_minus_rho * (1.0 + rho)
+        denominator = 2.0 * math.pi * (one_minus_rho.square() + 2.0 * rho * one_minus_cos)
+        return scale.to(dtype) * numerator / denominator
+
+
+@register_loss("wcdas", kind="head")
+class WCDASHead(Head):
+    """Wrapped-Cauchy angular softmax head (Han, ICML 2023; official code boranhan/WCDAS_code).
+
+    logit_c = s * (1 - rho_c^2) / (2 pi (1 + rho_c^2 - 2 rho_c cos theta_c)),
+    rho_c = sigmoid(g_c), loss = CE(logits, y)
+
+    One closed-form wrapped-Cauchy kernel per class, no bias, no logit adjustment, as in the
+    official code. Parameters: ``weight`` (C, D) with ``nn.Linear``'s default init; ``g`` (C,)
+    initialised to ``g_init`` (official configs: 0 for CIFAR-LT -- our default --, -1 for
+    ImageNet-LT, +1 for iNaturalist); scale s = softplus(s') + 1 with s' trainable from 0
+    (s0 = 1 + log 2 ~ 1.69) when ``s_trainable=True``, else the fixed ``s`` (the official code
+    hard-codes 250, used in its iNaturalist config). Computed in float32 even under autocast,
+    with rho kept below 1 (see :func:`wrapped_cauchy_logits`). The paper's two-stage recipe
+    (re-train the head on a frozen backbone with class-balanced sampling) is the trainer's job.
+
+    Shapes: features ``(N, in_features)``, target ``(N,)`` -> scalar loss;
+    ``logits(features)`` -> ``(N, num_classes)`` float32.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        g_init: float = 0.0,
+        s_trainable: bool = True,
+        s: float = 250.0,
+        rho_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int(in_features, "in_features")
+        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        check_positive(float(s), "s")
+        check_positive(float(rho_eps), "rho_eps")
+        if not float(rho_eps) < 1.0:
+            raise ValueError(f"rho_eps must be < 1, got {rho_eps}")
+        self.s_trainable = bool(s_trainable)
+        self.rho_eps = float(rho_eps)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear (official: nn.Linear subclass)
+        self.g = nn.Parameter(torch.full((self.num_classes,), float(g_init)))
+        if self.s_trainable:
+            self.s_raw = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("s_fixed", torch.tensor(float(s)))
+
+    @property
+    def scale(self) -> Tensor:
+        """The logit scale s (softplus(s') + 1, or the fixed s)."""
+        return F.softplus(self.s_raw) + 1.0 if self.s_trainable else self.s_fixed
+
+    @property
+    def rho(self) -> Tensor:
+        """Per-class concentrations rho_c = sigmoid(g_c), capped at 1 - rho_eps."""
+        return 1.0 - torch.sigmoid(-self.g.float()).clamp_min(self.rho_eps)
+
+    def logits(self, features: Tensor) -> Tensor:
+        self.check_features(features)
+        return wrapped_cauchy_logits(features, self.weight, self.g, self.scale, self.rho_eps)
+
+    def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        check_features(features, self.in_features, "features")
+        check_target(target, self.num_classes, features.shape[0])
+        return F.cross_entropy(self.logits(features), target)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"s_trainable={self.s_trainable}, rho_eps={self.rho_eps}")
