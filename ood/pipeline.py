@@ -51,6 +51,12 @@ def evaluate_checkpoint(checkpoint: str, ood_sets: Optional[Sequence[str]] = Non
         ds = get_ood_dataset(name, bundle, root=args.data_root, n_noise=n_noise, seed=args.seed,
                              max_samples=max_ood_samples)
         ood_loaders[name] = make_loader(ds, batch_size)
+    # Input pre-processing steps (ODIN, Mahalanobis) are in pixel units, as in the official code: divide
+    # them by the normalisation std of the data, unless the caller set input_std.
+    score_kwargs = {k: dict(v) for k, v in (score_kwargs or {}).items()}
+    for name in scores:
+        if name in ("odin", "mahalanobis"):
+            score_kwargs.setdefault(name, {}).setdefault("input_std", tuple(bundle.spec.std))
     fit_loader = make_loader(bundle.train, batch_size)
     val_loader = make_loader(bundle.val, batch_size)
     ood = evaluate_ood(model, fit_loader, test_loader, ood_loaders, scores=scores,

@@ -1,0 +1,146 @@
+"""The interface every OOD score shares, and the helpers that run a model over a loader.
+
+Convention, everywhere in :mod:`ood`: **a higher score means more in-distribution**.
+
+A score is fitted on in-distribution training data (``fit(model, loader)``, a no-op for scores
+that need nothing) and then returns one ``float64`` number per sample (``score(model, loader)``).
+Loaders yield ``(x, y)`` batches. The model protocol (duck-typed): ``model(x) -> logits (N, C)``;
+``model.features(x) -> (N, D)`` penultimate features (or a plain timm classifier, whose
+``forward_features``/``forward_head(pre_logits=True)`` are used); ``model.backbone`` a timm model
+(multi-layer features); ``model.head.logits(features)`` a lossbench head.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lossbench.validation import check_finite, check_float
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode inside the block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def batches(loader: Iterable, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
+    """``(x, y)`` from each batch of ``loader`` with ``x`` on ``device``; clear error otherwise."""
+    for i, batch in enumerate(loader):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 1:
+            raise TypeError(f"loader must yield (x, y) batches; batch {i} is {type(batch).__name__}")
+        x = batch[0]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"loader batch {i}: x must be a torch.Tensor, got {type(x).__name__}")
+        y = batch[1] if len(batch) > 1 else None
+        yield x.to(device), y
+
+
+def check_logits(logits: Tensor, name: str = "logits") -> None:
+    """Logits must be a finite float ``(N, C)`` tensor with ``C >= 1``."""
+    check_float(logits, name, ndim=2)
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one class column, got shape {tuple(logits.shape)}")
+    check_finite(logits, name)
+
+
+def concat_scores(parts: List[Tensor], what: str) -> Tensor:
+    """Concatenate per-batch scores to ``(N,)`` float64 on the CPU; an empty loader is an error."""
+    if not parts:
+        raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+    return torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
+
+
+class OODScore(abc.ABC):
+    """Base class of every OOD score: ``fit`` then ``score``; higher = more in-distribution."""
+
+    name: str = ""
+
+    def fit(self, model: nn.Module, loader: Iterable) -> "OODScore":
+        """Fit on in-distribution training data ``loader`` (no-op by default); returns ``self``."""
+        return self
+
+    @abc.abstractmethod
+    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
+        """``(N,)`` float64 scores of every sample of ``loader``; higher = more in-distribution."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class LogitScore(OODScore):
+    """A score that is a function of the logits alone (MSP, energy, max-logit).
+
+    ``score_logits(logits)`` is the tensor-level twin; ``score_head(head, features)`` scores a
+    lossbench head through its own logits; ``score(model, loader)`` runs ``model(x)`` once per
+    batch without gradients.
+    """
+
+    @abc.abstractmethod
+    def _score_logits(self, logits: Tensor) -> Tensor:
+        """The formula on checked logits ``(N, C)``; returns ``(N,)``."""
+
+    def score_logits(self, logits: Tensor) -> Tensor:
+        """``(N,)`` scores from logits ``(N, C)``, computed in float64 (higher = in-distribution)."""
+        check_logits(logits)
+        return self._score_logits(logits.double())
+
+    def score_head(self, head: nn.Module, features: Tensor) -> Tensor:
+        """Scores of features ``(N, D)`` through a lossbench head's ``logits`` (no noise)."""
+        with torch.no_grad():
+            return self.score_logits(head.logits(features))
+
+    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
+        parts = []
+        with eval_mode(model), torch.no_grad():
+            for x, _ in batches(loader, model_device(model)):
+                parts.append(self.score_logits(model(x)))
+        return concat_scores(parts, f"{self.name} score")
+
+
+def gradient_sign(grad: Tensor) -> Tensor:
+    """``+1`` where ``grad >= 0`` else ``-1`` (the official ODIN / Mahalanobis codes' ``ge(grad, 0)``)."""
+    return torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
+
+
+def input_step(x: Tensor, direction: Tensor, eps: float, input_std=None) -> Tensor:
+    """``x + eps * direction / std``: a step of ``eps`` in un-normalised pixel units.
+
+    ``input_std`` (per-channel, for ``(N, C, ...)`` inputs) is the std of the model's input
+    normalisation, as the official ODIN and Mahalanobis codes divide the step by it; ``None``
+    takes the step directly in the model's input space.
+    """
+    if input_std is not None:
+        std = torch.as_tensor(input_std, dtype=x.dtype, device=x.device)
+        if std.dim() != 1 or x.dim() < 2 or std.numel() != x.shape[1]:
+            raise ValueError(
+                f"input_std must hold one value per input channel ({x.shape[1] if x.dim() > 1 else '?'}),"
+                f" got {tuple(std.shape)}"
+            )
+        direction = direction / std.view(1, -1, *([1] * (x.dim() - 2)))
+    return x + eps * direction
+
+
+def check_input_std(input_std) -> None:
+    if input_std is not None:
+        vals = [float(v) for v in input_std]
+        if not vals or min(vals) <= 0:
+            raise ValueError(f"input_std must be a non-empty sequence of positive floats, got {input_std!r}")

@@ -1,0 +1,73 @@
+"""ODIN: temperature-scaled softmax confidence after a small input-pre-processing step."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lossbench.validation import check_positive
+
+from ..registry import register_score
+from .base import (
+    LogitScore, batches, check_input_std, concat_scores, eval_mode, gradient_sign, input_step,
+    model_device,
+)
+
+#: The paper's grids (Liang et al. 2018, Sec. 4.2 / Appendix): T and 21 evenly spaced eps in [0, 0.004].
+ODIN_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+ODIN_EPS_GRID = tuple(round(0.0002 * i, 4) for i in range(21))
+
+
+@register_score("odin")
+class ODIN(LogitScore):
+    """ODIN score ``max_c softmax(f(x') / T)_c`` with ``x' = x - eps * sign(-grad_x log S_y(x; T))``.
+
+    Liang, Li & Srikant, "Enhancing The Reliability of Out-of-distribution Image Detection in
+    Neural Networks", ICLR 2018, eqs. (1)-(2); official code facebookresearch/odin
+    (``calData.py``): y = the predicted class, the gradient is that of the cross-entropy of
+    ``f(x)/T`` with y, its sign taken as ``ge(grad, 0)``, divided by the normalisation std
+    (``input_std``, optional here), and the step raises the softmax score.
+
+    Defaults: T = 1000 (the paper's choice for every network), eps = 0.0014 (the official
+    DenseNet/CIFAR-10 setting). Tune over ``ODIN_TEMPERATURES`` x ``ODIN_EPS_GRID`` on
+    validation data as the paper does. ``score_logits`` is the no-pre-processing variant
+    (temperature scaling only). Inputs ``(N, ...)`` -> scores ``(N,)``.
+    """
+
+    name = "odin"
+
+    def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,
+                 input_std: Optional[Sequence[float]] = None):
+        check_positive(float(temperature), "temperature")
+        check_positive(float(eps), "eps", allow_zero=True)
+        check_input_std(input_std)
+        self.temperature = float(temperature)
+        self.eps = float(eps)
+        self.input_std = None if input_std is None else tuple(float(v) for v in input_std)
+
+    def _score_logits(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits / self.temperature, dim=1).amax(dim=1)
+
+    def preprocess(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The pre-processed input ``x'`` (same shape as ``x``); ``x`` itself when eps = 0."""
+        if self.eps == 0:
+            return x
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x) / self.temperature
+            loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+        return input_step(x.detach(), -gradient_sign(grad), self.eps, self.input_std)
+
+    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
+        parts = []
+        with eval_mode(model):
+            for x, _ in batches(loader, model_device(model)):
+                x_hat = self.preprocess(model, x)
+                with torch.no_grad():
+                    parts.append(self.score_logits(model(x_hat)))
+        return concat_scores(parts, "odin score")
