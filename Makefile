@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lossbench-installed
+# The CUDA kernels of the extension are compiled wherever nvcc is found (no GPU needed to build).
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null)))
+export CUDA_HOME
 
 .PHONY: install ext demo test bench clean
 

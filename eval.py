@@ -3,6 +3,7 @@
 
     python eval.py --run runs/demo
     python eval.py --checkpoint runs/demo/best.pt --ood heldout,gaussian,uniform --scores msp,energy
+    python eval.py bench -c configs/bench_digits.yaml [--seeds 0,1 --epochs 2 --losses ce,wcdas ...]
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the loss x OOD-score benchmark (ood/benchmark.py)
+        from ood.benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     ckpt = args.checkpoint or os.path.join(args.run, "best.pt")
     result = evaluate_checkpoint(ckpt, ood_sets=args.ood, scores=args.scores, score_kwargs=args.score_args,

@@ -8,6 +8,9 @@ from .losses import (  # the loss zoo
     L2SVMHead, NBCSoftmaxHead, NoisySoftmaxHead, WCDASHead, WestonWatkinsLoss, ZLoss,
     gumbel_softmax, log_partition_penalty, z_loss,
 )
+from .cce import (  # cut cross-entropy; importing it registers the 'cce' head
+    CutCrossEntropyHead, linear_cross_entropy, linear_logsumexp, linear_max_softmax, linear_topk,
+)
 
 __all__ = [
     "build_head", "create_loss", "list_losses", "register_loss",
@@ -15,5 +18,7 @@ __all__ = [
     "CrammerSingerLoss", "CrossEntropyLoss", "GumbelSoftmaxLoss", "GumbelTemperatureSchedule",
     "L1SVMHead", "L2SVMHead", "NBCSoftmaxHead", "NoisySoftmaxHead", "WCDASHead", "WestonWatkinsLoss",
     "ZLoss", "gumbel_softmax", "log_partition_penalty", "z_loss",
+    "CutCrossEntropyHead", "linear_cross_entropy", "linear_logsumexp", "linear_max_softmax",
+    "linear_topk",
 ]
 __version__ = "0.1.0"

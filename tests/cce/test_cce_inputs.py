@@ -1,0 +1,62 @@
+"""Bad input to lossbench.linear_cross_entropy raises a clear error naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lossbench.cce import linear_cross_entropy
+
+
+def inputs(N=4, D=3, V=5):
+    return torch.randn(N, D), torch.randn(V, D), torch.randint(0, V, (N,)), torch.randn(V)
+
+
+def call(**over):
+    E, C, t, b = inputs()
+    args = dict(features=E, weight=C, target=t, bias=b)
+    kw = {k: over.pop(k) for k in list(over) if k not in args}
+    args.update(over)
+    return linear_cross_entropy(args["features"], args["weight"], args["target"], args["bias"],
+                                **kw)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(5, 4)), ValueError, "weight"),
+    (dict(features=torch.randn(4)), ValueError, "features"),
+    (dict(target=torch.tensor([0, 1, 5, 2])), ValueError, "target"),
+    (dict(target=torch.tensor([0, 1, -1, 2])), ValueError, "target"),
+    (dict(target=torch.zeros(4)), TypeError, "target"),
+    (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target"),
+    (dict(features=torch.randn(3, 4).t()), ValueError, "features must be contiguous"),
+    (dict(weight=torch.randn(3, 5).t()), ValueError, "weight must be contiguous"),
+    (dict(bias=torch.randn(6)), ValueError, "bias"),
+    (dict(weight=torch.randn(5, 3, dtype=torch.float64)), TypeError, "weight dtype"),
+    (dict(weight=torch.randn(5, 3, device="meta")), ValueError, "weight is on meta"),
+    (dict(target=torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "target"),
+    (dict(features=torch.full((4, 3), float("nan"))), ValueError, "features"),
+    (dict(weight=torch.full((5, 3), float("inf"))), ValueError, "weight"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=-3), ValueError, "chunk_size"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size"),
+    (dict(impl="triton"), ValueError, "impl"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(filter_eps="tiny"), ValueError, "filter_eps"),
+    (dict(filter_eps=-1.0), ValueError, "filter_eps"),
+    (dict(class_weight=torch.ones(4)), ValueError, "class_weight"),
+    (dict(class_weight=torch.ones(5, dtype=torch.long)), TypeError, "class_weight"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+])
+def test_bad_input_raises_naming_argument(over, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**over)
+
+
+def test_ignore_index_rows_may_hold_any_value():
+    E, C, _, b = inputs()
+    t = torch.tensor([0, 7, 2, 7])
+    out = linear_cross_entropy(E, C, t, b, ignore_index=7, impl="torch")
+    ref = torch.nn.functional.cross_entropy(E @ C.t() + b, t, ignore_index=7)
+    torch.testing.assert_close(out, ref)

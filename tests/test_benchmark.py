@@ -1,0 +1,283 @@
+"""The loss x OOD-score benchmark (ood/benchmark.py, ``eval.py bench``): config, embedding metrics,
+leaderboard statistics, and the default digits benchmark end to end with resume and skipping."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lossbench.config import ConfigError
+from lossbench.checkpoint import CheckpointError
+from ood.benchmark import (
+    cell_args, cell_state, embedding_quality, leaderboard_csv, leaderboard_markdown, load_config,
+    mean_std, resolve_config, run_benchmark, set_label, summarize,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "bench_digits.yaml"
+FASHION = ROOT / "configs" / "bench_fashionmnist.yaml"
+
+
+# -- embedding quality against a naive float64 formula --------------------------------------------
+
+def naive_retrieval(features, labels, distance):
+    """P@1 and MAP@R written from Musgrave et al. 2020, Sec. 3.2, query excluded from its neighbours."""
+    f = features.double()
+    if distance == "cosine":
+        fn = f / f.norm(dim=1, keepdim=True)
+        sim = fn @ fn.T
+    else:
+        sim = -torch.cdist(f, f)
+    sim.fill_diagonal_(-math.inf)
+    order = sim.argsort(dim=1, descending=True)[:, :-1]  # the query itself is last
+    p1, ap = [], []
+    for i in range(f.shape[0]):
+        rel = (labels[order[i]] == labels[i]).double()
+        r = int((labels == labels[i]).sum()) - 1
+        p1.append(float(rel[0]))
+        hits = rel[:r]
+        prec = hits.cumsum(0) / torch.arange(1, r + 1, dtype=torch.float64)
+        ap.append(float((prec * hits).sum() / r))
+    return float(np.mean(p1)), float(np.mean(ap))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("n,d,c", [(40, 3, 4), (90, 8, 6)])
+def test_embedding_quality_matches_naive_formula(distance, n, d, c):
+    g = torch.Generator().manual_seed(n + d)
+    labels = torch.arange(n) % c
+    centres = torch.randn(c, d, generator=g)
+    feats = centres[labels] + 0.9 * torch.randn(n, d, generator=g)
+    got = embedding_quality(feats, labels, distance=distance, batch_size=17)
+    p1, mapr = naive_retrieval(feats, labels, distance)
+    torch.testing.assert_close(torch.tensor([got["p_at_1"], got["map_at_r"]], dtype=torch.float64),
+                               torch.tensor([p1, mapr], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert 0 < got["map_at_r"] < 1  # neither trivial nor saturated: the test can fail
+
+
+def test_embedding_quality_separated_classes_are_perfect():
+    labels = torch.arange(30) % 3
+    feats = torch.eye(3)[labels] * 5 + 0.01 * torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    assert embedding_quality(feats, labels) == {"p_at_1": 1.0, "map_at_r": 1.0}
+
+
+def test_embedding_quality_bad_input():
+    f = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="labels"):
+        embedding_quality(f, torch.zeros(10))
+    with pytest.raises(ValueError, match="labels"):
+        embedding_quality(f, torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="features"):
+        embedding_quality(f.masked_fill(f > 1, math.nan), torch.arange(10) % 2)
+    with pytest.raises(ValueError, match="distance"):
+        embedding_quality(f, torch.arange(10) % 2, distance="manhattan")
+    with pytest.raises(ValueError, match="single sample"):
+        embedding_quality(f, torch.arange(10))
+
+
+# -- leaderboard statistics -----------------------------------------------------------------------
+
+def _metrics(acc, auroc_a, auroc_b):
+    res = {"a": {"auroc": auroc_a, "fpr95": 1 - auroc_a}, "b": {"auroc": auroc_b, "fpr95": 1 - auroc_b}}
+    return {"test": {"acc": acc, "ece": 0.1}, "embedding": {"p_at_1": acc, "map_at_r": acc / 2},
+            "ood": {"results": {"msp": res}}}
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    cells = {"ce": {0: _metrics(0.9, 0.8, 0.6), 1: _metrics(0.8, 0.7, 0.7), 2: _metrics(0.7, 0.9, 0.5)},
+             "svm_l2": {0: _metrics(0.95, 0.6, 0.6)}}
+    rows = summarize(cells)
+    m, s = rows["ce"]["stats"]["acc"]
+    assert m == pytest.approx(np.mean([0.9, 0.8, 0.7])) and s == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+    per_seed = [np.mean([0.8, 0.6]), np.mean([0.7, 0.7]), np.mean([0.9, 0.5])]  # mean over OOD sets first
+    assert rows["ce"]["stats"]["msp/auroc"] == pytest.approx((np.mean(per_seed), np.std(per_seed, ddof=1)))
+    assert rows["ce"]["stats"]["msp/b/auroc"][0] == pytest.approx(0.6)
+    assert rows["svm_l2"]["n"] == 1 and math.isnan(rows["svm_l2"]["stats"]["acc"][1])
+    md = leaderboard_markdown(rows, ["msp"], ["a", "b"], "paper")
+    main_table, per_set_table = md.split("AUROC (%) per OOD set")
+    table = [l for l in main_table.splitlines() if l.startswith("| ") and not l.startswith("| loss")]
+    assert [l.split("|")[1].strip() for l in table] == ["ce", "svm_l2"]
+    assert "| ce | 80.0 ± 10.0 | 60.0 ± 10.0 |" in per_set_table  # msp on set a, on set b
+    assert "80.0 ± 10.0" in table[0] and "**95.0**" in table[1]  # acc; best mean in bold
+    assert "convention `paper`" in md and "ID positive" in md
+    rows_csv = list(csv.DictReader(leaderboard_csv(rows).splitlines()))
+    assert float(rows_csv[0]["msp_b_auroc_mean"]) == pytest.approx(0.6) and rows_csv[1]["acc_std"] == ""
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_set_label():
+    assert set_label("imagefolder:../data/notMNIST/") == "notMNIST" and set_label("gaussian") == "gaussian"
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data,match", [
+    ({"lossses": ["ce"]}, "lossses"),
+    ({"losses": ["ce", "focal"]}, "focal"),
+    ({"scores": ["msp", "react"]}, "react"),
+    ({"train": {"loss": "ce"}}, "set per cell"),
+    ({"train": {"seed": 3}}, "set per cell"),
+    ({"seeds": [0, 0]}, "distinct"),
+    ({"seeds": ["a"]}, "seeds"),
+    ({"convention": "mine"}, "convention"),
+    ({"score_args": {"odin": {"temperature": 10}}, "scores": ["msp"]}, "odin"),
+    ({"loss_args": {"wcdas": {"g_init": 1}}, "losses": ["ce"]}, "wcdas"),
+])
+def test_config_errors_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(data)
+
+
+def test_unknown_train_option_and_loss_args_come_from_loss_configs(tmp_path):
+    cfg = load_config(str(DIGITS), {"train": {"epochs": 1}, "losses": ["wcdas", "ce"],
+                                    "loss_args": {"ce": {"label_smoothing": 0.1}}})
+    assert cfg.losses == ["wcdas", "ce"] and cfg.train["epochs"] == 1
+    args = cell_args(cfg, "wcdas", 3)
+    assert args.loss_args["g_init"] == 0.0 and args.seed == 3 and args.name == "wcdas-s3"  # configs/wcdas.yaml
+    assert cell_args(cfg, "ce", 0).loss_args["label_smoothing"] == 0.1  # the benchmark's override wins
+    bad = load_config(str(DIGITS), {"train": {"learnig_rate": 0.1}})
+    with pytest.raises(ConfigError, match="learnig_rate"):
+        cell_args(bad, "ce", 0)
+
+
+def test_all_losses_is_the_registry():
+    import lossbench
+
+    assert resolve_config({"losses": "all"}).losses == lossbench.list_losses()
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+def _bench(args, check=True):
+    out = subprocess.run([sys.executable, "eval.py", "bench", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"eval.py bench {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def test_default_benchmark_end_to_end_resumes_and_skips(tmp_path, capsys):
+    """``eval.py bench``'s entry point in-process (the script's dispatch is tested below)."""
+    from ood.benchmark import main
+
+    out_dir = tmp_path / "bench"
+    flags = ["-c", str(DIGITS), "--losses", "ce,svm_l2", "--seeds", "0,1", "--epochs", "2", "--out", str(out_dir),
+             "--no-progress"]
+    # an interrupted benchmark: cell (ce, 0) stopped after 1 of its 2 epochs
+    from lossbench.engine import Trainer
+
+    cfg = load_config(str(DIGITS), {"losses": ["ce", "svm_l2"], "seeds": [0, 1], "output": str(out_dir),
+                                    "train": {"epochs": 2}})
+    args = cell_args(cfg, "ce", 0)
+    args.stop_after_epochs = 1
+    Trainer(args).fit()
+    assert cell_state(cfg, cell_args(cfg, "ce", 0)) == ("partial", 1)
+
+    assert main(flags) == 0
+    assert "trained 3, resumed 1, evaluated 0, skipped 0" in capsys.readouterr().out
+    md = (out_dir / "leaderboard.md").read_text()
+    rows = [l for l in md.split("AUROC (%) per OOD set")[0].splitlines()
+            if l.startswith("| ") and not l.startswith("| loss")]
+    assert [r.split("|")[1].strip() for r in rows] == ["ce", "svm_l2"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[1] == "2" and all("±" in c for c in cells[2:]), r
+    for score in ("msp", "energy", "maxlogit", "mahalanobis", "odin"):
+        assert f"{score} AUROC" in md and f"{score} FPR@95" in md
+    assert "convention `paper`" in md
+    table = list(csv.DictReader((out_dir / "leaderboard.csv").read_text().splitlines()))
+    assert [r["loss"] for r in table] == ["ce", "svm_l2"]
+    assert {"acc_mean", "ece_std", "p_at_1_mean", "map_at_r_std", "energy_heldout_auroc_mean",
+            "mahalanobis_uniform_fpr95_std"} <= set(table[0])
+    for png in ("acc_vs_auroc.png", "roc_best.png"):
+        assert (out_dir / png).stat().st_size > 1000
+    runs = out_dir / "runs"
+    for loss in ("ce", "svm_l2"):
+        for seed in (0, 1):
+            cell = runs / f"{loss}-s{seed}"
+            m = json.loads((cell / "metrics.json").read_text())
+            assert m["epoch"] == 2 and m["cell"] == {"loss": loss, "seed": seed}
+            assert 0 <= m["embedding"]["p_at_1"] <= 1 and m["embedding"]["n"] == m["test"]["n"]
+            assert set(m["ood"]["results"]["msp"]) == {"heldout", "gaussian", "uniform"}
+            assert json.loads((cell / "cell.json").read_text())["epoch"] == 2
+    # the resumed cell has the same log as an uninterrupted two-epoch run would: two epochs, once each
+    assert len((runs / "ce-s0" / "log.csv").read_text().strip().splitlines()) == 3
+    mean_acc = float(table[0]["acc_mean"])
+    # 2 epochs: the features already retrieve their class far above chance (1/6), even where the
+    # eval-mode accuracy still lags behind (BatchNorm running statistics after 22 steps)
+    assert float(table[0]["p_at_1_mean"]) > 0.5
+
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.suffix in (".pt", ".json", ".npz")}
+    again = run_benchmark(load_config(str(DIGITS), {"losses": ["ce", "svm_l2"], "seeds": [0, 1],
+                                                   "output": str(out_dir), "train": {"epochs": 2}}),
+                          progress=False, plots=False)
+    assert again["counts"] == {"trained": 0, "resumed": 0, "evaluated": 0, "skipped": 4, "failed": 0}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained nor re-evaluated
+    assert again["rows"]["ce"]["stats"]["acc"][0] == pytest.approx(mean_acc, abs=1e-6)
+
+    # other evaluation settings: re-evaluated, not retrained
+    assert main(flags + ["--scores", "msp,energy", "--no-plots"]) == 0
+    assert "trained 0, resumed 0, evaluated 4, skipped 0" in capsys.readouterr().out
+    assert all((runs / c / "last.pt").stat().st_mtime_ns == stamps[runs / c / "last.pt"]
+               for c in ("ce-s0", "ce-s1", "svm_l2-s0", "svm_l2-s1"))
+    assert "mahalanobis" not in (out_dir / "leaderboard.md").read_text()
+
+    # a cell trained with another recipe is never silently reused
+    with pytest.raises(CheckpointError, match="lr"):
+        run_benchmark(load_config(str(DIGITS), {"losses": ["ce"], "seeds": [0], "output": str(out_dir),
+                                                "train": {"epochs": 2, "lr": 0.01}}), progress=False)
+
+
+def test_diverged_cell_is_recorded_and_skipped(tmp_path, monkeypatch):
+    from lossbench.engine import Trainer
+
+    calls = []
+
+    def diverge(self):
+        calls.append(self.args.name)
+        raise FloatingPointError("training loss became nan at step 3")
+
+    monkeypatch.setattr(Trainer, "fit", diverge)
+    cfg = load_config(str(DIGITS), {"losses": ["zloss"], "seeds": [0], "output": str(tmp_path), "train": {"epochs": 1}})
+    res = run_benchmark(cfg, progress=False)
+    assert res["counts"]["failed"] == 1 and calls == ["zloss-s0"]
+    assert "zloss seed 0 (training loss became nan at step 3)" in (tmp_path / "leaderboard.md").read_text()
+    assert run_benchmark(cfg, progress=False)["counts"]["failed"] == 1 and calls == ["zloss-s0"]  # not retried
+
+
+def test_bench_script_reports_config_errors(tmp_path):
+    res = _bench(["-c", str(DIGITS), "--losses", "ce,focal", "--out", str(tmp_path)], check=False)
+    assert res.returncode == 2 and "focal" in res.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_real_data_benchmark(shared_data, tmp_path):
+    """Fashion-MNIST (a 600-image subset) against MNIST and notMNIST, through the real-data config."""
+    out_dir = tmp_path / "fashion"
+    _bench(["-c", str(FASHION), "--losses", "ce", "--seeds", "0", "--epochs", "2", "--max-train-samples", "600",
+            "--scores", "msp,energy", "--ood", "mnist,imagefolder:{data_root}/notMNIST",
+            "--data-root", str(shared_data), "--out", str(out_dir), "--no-progress", "--no-plots"])
+    table = list(csv.DictReader((out_dir / "leaderboard.csv").read_text().splitlines()))
+    assert len(table) == 1 and table[0]["loss"] == "ce" and table[0]["n_seeds"] == "1"
+    m = json.loads((out_dir / "runs" / "ce-s0" / "metrics.json").read_text())
+    assert m["test"]["n"] == 10000 and m["embedding"]["p_at_1"] > 0.3  # 10 classes: well above chance
+    assert set(m["ood_sets"]) == {"mnist", f"imagefolder:{shared_data}/notMNIST"}
+    assert "notMNIST" in (out_dir / "leaderboard.md").read_text()
+    assert "notMNIST_auroc_mean" in " ".join(table[0])
+
+
+@pytest.mark.parametrize("name", ["bench_digits", "bench_cifar10", "bench_fashionmnist"])
+def test_shipped_configs_resolve(name):
+    """Every benchmark config names known losses/scores/options and no machine path."""
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    for loss in cfg.losses:
+        assert cell_args(cfg, loss, cfg.seeds[0]).loss == loss
+    assert len(cfg.seeds) == 3 and {"msp", "energy", "maxlogit", "mahalanobis"} <= set(cfg.scores)
+    paths = [cfg.train.get("data_root") or "", cfg.output] + [s.split(":", 1)[1] for s in cfg.ood_sets if ":" in s]
+    assert not any(Path(p).is_absolute() for p in paths), paths  # relative to the project root
