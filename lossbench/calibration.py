@@ -25,7 +25,6 @@ def expected_calibration_error(logits: Tensor, target: Tensor, n_bins: int = 15)
     # bin index b such that conf in ((b)/n, (b+1)/n]; conf > 0 always
     idx = (torch.ceil(conf * n_bins).long() - 1).clamp_(0, n_bins - 1)
     n = conf.numel()
-    count = torch.bincount(idx, minlength=n_bins).double()
     sum_conf = torch.bincount(idx, weights=conf, minlength=n_bins)
     sum_acc = torch.bincount(idx, weights=correct, minlength=n_bins)
     return float((sum_acc - sum_conf).abs().sum() / n)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import os
 import random
 import time

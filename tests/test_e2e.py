@@ -1,12 +1,10 @@
 """Train -> eval through the real scripts, and the resume path."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,13 @@ from 0) so that schedules a paper anneals (temperatures, noise) also run in a us
 from __future__ import annotations
 
 import abc
+from typing import Optional
 
 import torch.nn as nn
 from torch import Tensor
 
 from ..validation import check_features
+from ._common import check_int
 
 
 class LogitLoss(nn.Module, metaclass=abc.ABCMeta):
@@ -38,6 +40,13 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
     in_features: int
     num_classes: int
 
+    def __init__(self, in_features: Optional[int] = None, num_classes: Optional[int] = None) -> None:
+        super().__init__()
+        if in_features is not None:
+            self.in_features = check_int(in_features, "in_features")
+        if num_classes is not None:
+            self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+
     def on_step(self, step: int) -> None:
         """Advance any schedule to optimisation step ``step`` (no-op by default)."""
 
@@ -53,24 +62,29 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
         """Training loss from features ``(N, in_features)`` and class indices ``(N,)``."""
 
 
-class LinearHead(Head):
+class LinearLayerHead(Head):
+    """A head whose logits are one ``nn.Linear`` layer ``fc`` (subclasses define the loss)."""
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
+        super().__init__(in_features, num_classes)
+        self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
+
+    def logits(self, features: Tensor) -> Tensor:
+        self.check_features(features)
+        return self.fc(features)
+
+
+class LinearHead(LinearLayerHead):
     """``nn.Linear`` followed by a :class:`LogitLoss`: how the trainer uses any loss on logits."""
 
     def __init__(self, in_features: int, num_classes: int, criterion: nn.Module, bias: bool = True):
-        super().__init__()
-        self.in_features = int(in_features)
-        self.num_classes = int(num_classes)
-        self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
+        super().__init__(in_features, num_classes, bias=bias)
         self.criterion = criterion
 
     def on_step(self, step: int) -> None:
         hook = getattr(self.criterion, "on_step", None)
         if hook is not None:
             hook(step)
-
-    def logits(self, features: Tensor) -> Tensor:
-        self.check_features(features)
-        return self.fc(features)
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         return self.criterion(self.logits(features), target)

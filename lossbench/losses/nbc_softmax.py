@@ -7,14 +7,12 @@ from typing import Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
 from ..validation import check_features, check_positive, check_target
-from .base import Head
-from ._common import check_int
+from .base import LinearLayerHead
 
 __all__ = ["NBCSoftmaxHead", "batch_class_sums", "nbc_loss", "nbc_loss_from_centres"]
 
@@ -85,7 +83,7 @@ def nbc_loss(
 
 
 @register_loss("nbc_softmax", kind="head")
-class NBCSoftmaxHead(Head):
+class NBCSoftmaxHead(LinearLayerHead):
     """Softmax classifier trained with NBC-softmax (Kulatilleke, Chandra & Portmann, arXiv:2212.08184).
 
     loss = (1 - r) * CE(Linear(z), y) + r * L_NBC(z, y),
@@ -119,20 +117,13 @@ class NBCSoftmaxHead(Head):
         bias: bool = True,
         gather_distributed: bool = True,
     ) -> None:
-        super().__init__()
-        self.in_features = check_int(in_features, "in_features")
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        super().__init__(in_features, num_classes, bias=bias)
         if not 0.0 <= float(r) <= 1.0:
             raise ValueError(f"r must lie in [0, 1], got {r}")
         check_positive(float(tau), "tau", allow_zero=True)
         check_positive(float(eps), "eps")
         self.r, self.tau, self.eps = float(r), float(tau), float(eps)
         self.gather_distributed = bool(gather_distributed)
-        self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
-
-    def logits(self, features: Tensor) -> Tensor:
-        self.check_features(features)
-        return self.fc(features)
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")

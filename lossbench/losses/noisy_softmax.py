@@ -13,7 +13,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_positive, check_target
 from .base import Head
-from ._common import check_int, check_reduction
+from ._common import check_reduction
 
 __all__ = ["NoisySoftmaxHead", "noisy_target_logits"]
 
@@ -77,9 +77,7 @@ class NoisySoftmaxHead(Head):
         reduction: str = "mean",
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        super().__init__()
-        self.in_features = check_int(in_features, "in_features")
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        super().__init__(in_features, num_classes)
         check_positive(float(alpha), "alpha", allow_zero=True)
         check_positive(float(sigma), "sigma", allow_zero=True)
         self.alpha, self.sigma = float(alpha), float(sigma)

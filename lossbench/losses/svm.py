@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
 from ..validation import check_features, check_logits_target, check_positive, check_target
-from .base import Head, LogitLoss
-from ._common import check_class_weight, check_int, check_reduction, compute_dtype, reduce_loss
+from .base import LinearLayerHead, LogitLoss
+from ._common import check_class_weight, check_reduction, compute_dtype, reduce_loss
 
 __all__ = [
     "CrammerSingerLoss", "L1SVMHead", "L2SVMHead", "WestonWatkinsLoss",
@@ -39,7 +38,7 @@ def one_vs_rest_hinge(scores: Tensor, target: Tensor, p: int = 1, margin: float 
     return h * h if p == 2 else h
 
 
-class _OneVsRestSVMHead(Head):
+class _OneVsRestSVMHead(LinearLayerHead):
     """Linear layer ``s = W x + b`` trained with a one-vs-rest (squared) hinge plus a weight penalty.
 
     loss = weight_penalty * mean(W^2) + C * mean_{i,c} max(0, 1 - t_ic s_ic)^p
@@ -62,19 +61,12 @@ class _OneVsRestSVMHead(Head):
         margin: float = 1.0,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        self.in_features = check_int(in_features, "in_features")
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        super().__init__(in_features, num_classes)
         check_positive(float(C), "C")
         check_positive(float(weight_penalty), "weight_penalty", allow_zero=True)
         check_positive(float(margin), "margin")
         self.C, self.weight_penalty, self.margin = float(C), float(weight_penalty), float(margin)
         self.reduction = check_reduction(reduction, ("mean", "sum"))
-        self.fc = nn.Linear(self.in_features, self.num_classes)
-
-    def logits(self, features: Tensor) -> Tensor:
-        self.check_features(features)
-        return self.fc(features)
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")

@@ -12,7 +12,6 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_positive, check_target
 from .base import Head
-from ._common import check_int
 
 __all__ = ["WCDASHead", "wrapped_cauchy_logits"]
 
@@ -75,9 +74,7 @@ class WCDASHead(Head):
         s: float = 250.0,
         rho_eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        self.in_features = check_int(in_features, "in_features")
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2)
+        super().__init__(in_features, num_classes)
         check_positive(float(s), "s")
         check_positive(float(rho_eps), "rho_eps")
         if not float(rho_eps) < 1.0:
