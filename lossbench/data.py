@@ -190,6 +190,18 @@ def _digits(spec_size: int, seed: int, id_classes: Optional[Sequence[int]], val_
                       len(id_classes), [str(c) for c in id_classes], spec, ood)
 
 
+def _labels_of(ds: Dataset) -> np.ndarray:
+    """Labels of a split without decoding its images where the structure allows it."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].numpy()
+    if isinstance(ds, LabeledTransform) and isinstance(ds.base, Subset):
+        raw = _targets(ds.base.dataset)[np.asarray(ds.base.indices, dtype=np.int64)]
+        if ds.label_map is None:
+            return raw
+        return np.asarray([ds.label_map.get(int(c), -1) for c in raw], dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
 def _check_id_classes(id_classes: Sequence[int], n: int) -> None:
     if len(set(id_classes)) != len(id_classes) or len(id_classes) < 2:
         raise ValueError(f"id_classes must be >= 2 distinct class indices, got {list(id_classes)}")
@@ -292,8 +304,7 @@ def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 3
             raise ValueError(f"max_train_samples must be >= the number of classes ({bundle.num_classes}), "
                              f"got {max_train_samples}")
         if max_train_samples < len(bundle.train):
-            labels = np.asarray([int(bundle.train[i][1]) for i in range(len(bundle.train))]) \
-                if not isinstance(bundle.train, TensorDataset) else bundle.train.tensors[1].numpy()
+            labels = _labels_of(bundle.train)
             keep, _ = train_test_split(np.arange(len(labels)), train_size=max_train_samples,
                                        random_state=seed, stratify=labels)
             bundle.train = Subset(bundle.train, np.sort(keep).tolist())

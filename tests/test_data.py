@@ -86,3 +86,26 @@ def test_real_imagefolder(shared_data):
     assert len(b.train) + len(b.val) == 10000 and len(b.test) == 2000
     letters = get_ood_dataset(f"imagefolder:{shared_data / 'notMNIST'}", b, max_samples=20)
     assert letters[0][0].shape == (3, 16, 16)
+
+
+def test_max_train_samples_stratified_and_deterministic():
+    full = get_data("digits", img_size=8)
+    b = get_data("digits", img_size=8, max_train_samples=120)
+    b2 = get_data("digits", img_size=8, max_train_samples=120)
+    idx = [b.train.indices[i] for i in range(len(b.train))]
+    assert len(b.train) == 120 and idx == [b2.train.indices[i] for i in range(len(b2.train))]
+    labels = full.train.tensors[1][idx]
+    counts = torch.bincount(labels, minlength=6)
+    assert counts.min() >= 19 and counts.max() <= 21  # 120 / 6 classes, stratified
+    assert len(b.val) == len(full.val) and len(b.test) == len(full.test)  # only training is cut
+    with pytest.raises(ValueError, match="max_train_samples"):
+        get_data("digits", max_train_samples=3)
+
+
+def test_labels_of_matches_decoding(shared_data):
+    from lossbench.data import _labels_of
+
+    b = get_data("mnist", root=str(shared_data), img_size=8, id_classes=[2, 5, 7])
+    fast = _labels_of(b.val)
+    slow = np.asarray([int(b.val[i][1]) for i in range(len(b.val))])
+    assert (fast == slow).all() and set(fast.tolist()) == {0, 1, 2}
