@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lossbench-installed
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null)))
 export CUDA_HOME
 
-.PHONY: install ext demo test bench clean
+.PHONY: install ext demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install ext
 	LOSSBENCH_REQUIRE_EXT=1 $(PY) -m pytest -q
+
+# The unit tests alone (no end-to-end / subprocess / torchrun test).
+test-fast: install ext
+	LOSSBENCH_REQUIRE_EXT=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs build *.egg-info

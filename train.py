@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import sys
 
-from lossbench.config import ConfigError, parse_args
-from lossbench.engine import Trainer
+from lossbench.framework.cli import run_main
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    summary = Trainer(args).fit()
+    from lossbench.framework import Trainer, parse_args
+
+    summary = Trainer(parse_args(argv)).fit()
     if summary["is_main"]:
         print(f"run folder: {summary['run_dir']}  (epoch {summary['epoch']}, "
               f"best val acc {summary['best_val_acc']:.4f})")
@@ -23,4 +19,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("train.py", main))

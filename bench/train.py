@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lossbench.config import parse_args  # noqa: E402
-from lossbench.engine import Trainer, seed_everything  # noqa: E402
+from lossbench.framework.config import parse_args  # noqa: E402
+from lossbench.framework.runtime import seed_everything  # noqa: E402
+from lossbench.framework.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("bare", "ours", "channels_last", "compile", "channels_last+compile")
 

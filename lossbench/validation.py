@@ -92,3 +92,13 @@ def check_positive(value: float, name: str, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def compute_dtype(x) -> torch.dtype:
+    """The one dtype rule of lossbench: float64 stays float64; every other float dtype computes in float32.
+
+    ``x`` is a tensor or a dtype. bf16/fp16 inputs are promoted (their own GEMMs and reductions lose
+    too much precision, and on CPU a bf16 GEMM is far slower than a float32 one).
+    """
+    dtype = x.dtype if isinstance(x, Tensor) else x
+    return torch.float64 if dtype == torch.float64 else torch.float32

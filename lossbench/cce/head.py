@@ -28,8 +28,8 @@ class CutCrossEntropyHead(Head):
 
     def __init__(
         self,
-        num_classes: int,
         in_features: int,
+        num_classes: int,
         bias: bool = True,
         ignore_index: int = -100,
         reduction: str = "mean",
@@ -40,12 +40,7 @@ class CutCrossEntropyHead(Head):
         filter_eps: Union[str, float, None] = "auto",
         impl: str = "auto",
     ) -> None:
-        super().__init__()
-        if int(num_classes) < 1 or int(in_features) < 1:
-            raise ValueError(f"num_classes and in_features must be >= 1, got {num_classes}, "
-                             f"{in_features}")
-        self.num_classes = int(num_classes)
-        self.in_features = int(in_features)
+        super().__init__(in_features, num_classes)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         self.bias = nn.Parameter(torch.empty(self.num_classes)) if bias else None
         if class_weight is not None:

@@ -49,6 +49,3 @@ def check_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32

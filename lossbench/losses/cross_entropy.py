@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_float, check_logits_target, check_positive
+from ..validation import check_float, check_logits_target, check_positive, compute_dtype
 from .base import LogitLoss
-from ._common import check_class_weight, check_reduction, compute_dtype
+from ._common import check_class_weight, check_reduction
 
 __all__ = ["CrossEntropyLoss", "log_partition_penalty"]
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_float, check_logits_target, check_positive
+from ..validation import check_float, check_logits_target, check_positive, compute_dtype
 from .base import LogitLoss
-from ._common import check_int, check_reduction, compute_dtype, reduce_loss
+from ._common import check_int, check_reduction, reduce_loss
 
 __all__ = [
     "GumbelSoftmaxLoss", "GumbelTemperatureSchedule", "gumbel_softmax",
@@ -34,7 +34,7 @@ def sample_gumbel(
     neither log sees 0 (``torch.rand`` can return exactly 0) and g lies in about [-4.5, 16.6]
     for float32. With ``generator`` the draw is reproducible and independent of the global RNG.
     """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = compute_dtype(dtype)
     finfo = torch.finfo(work)
     gen_device = generator.device if generator is not None else device
     u = torch.rand(tuple(shape), generator=generator, dtype=work, device=gen_device)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_features, check_positive, check_target
+from ..validation import check_features, check_positive, check_target, compute_dtype
 from .base import LinearLayerHead
 
 __all__ = ["NBCSoftmaxHead", "batch_class_sums", "nbc_loss", "nbc_loss_from_centres"]
@@ -19,7 +19,7 @@ __all__ = ["NBCSoftmaxHead", "batch_class_sums", "nbc_loss", "nbc_loss_from_cent
 
 def batch_class_sums(embeddings: Tensor, target: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     """Per-class sums ``(K, D)`` and counts ``(K,)`` of the batch embeddings (float32 or float64)."""
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(embeddings)
     z = embeddings.to(dtype)
     sums = z.new_zeros(num_classes, z.shape[1]).index_add(0, target, z)
     counts = torch.bincount(target, minlength=num_classes).to(dtype)
@@ -129,7 +129,7 @@ class NBCSoftmaxHead(LinearLayerHead):
         check_features(features, self.in_features, "features")
         check_target(target, self.num_classes, features.shape[0])
         logits = self.fc(features)
-        logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        logits = logits.to(compute_dtype(logits))
         ce = F.cross_entropy(logits, target)
         nbc = nbc_loss(features, target, self.num_classes, self.tau, self.eps, self.gather_distributed)
         return (1.0 - self.r) * ce + self.r * nbc.to(ce.dtype)

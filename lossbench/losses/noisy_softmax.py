@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_features, check_positive, check_target
+from ..validation import check_features, check_positive, check_target, compute_dtype
 from .base import Head
 from ._common import check_reduction
 
@@ -37,7 +37,7 @@ def noisy_target_logits(
     Shapes: features ``(N, D)``, weight ``(C, D)``, target ``(N,)``, xi ``(N,)`` (the draws
     xi ~ N(0, sigma^2), one per example) -> logits ``(N, C)`` in float32 (or float64).
     """
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(features)
     logits = F.linear(features, weight).to(dtype)
     x = features.to(dtype)
     w_y = weight.to(dtype).index_select(0, target)
@@ -102,7 +102,7 @@ class NoisySoftmaxHead(Head):
         check_target(target, self.num_classes, features.shape[0])
         if not self.training or self.alpha == 0.0:
             logits = self.logits(features)
-            logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+            logits = logits.to(compute_dtype(logits))
             return F.cross_entropy(logits, target, reduction=self.reduction)
         xi = self.draw_noise(features.shape[0], features.device)
         logits = noisy_target_logits(

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_features, check_logits_target, check_positive, check_target
+from ..validation import check_features, check_logits_target, check_positive, check_target, compute_dtype
 from .base import LinearLayerHead, LogitLoss
-from ._common import check_class_weight, check_reduction, compute_dtype, reduce_loss
+from ._common import check_class_weight, check_reduction, reduce_loss
 
 __all__ = [
     "CrammerSingerLoss", "L1SVMHead", "L2SVMHead", "WestonWatkinsLoss",

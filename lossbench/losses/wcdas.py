@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_features, check_positive, check_target
+from ..validation import check_features, check_positive, check_target, compute_dtype
 from .base import Head
 
 __all__ = ["WCDASHead", "wrapped_cauchy_logits"]
@@ -32,7 +32,7 @@ def wrapped_cauchy_logits(
 
     Shapes: features ``(N, D)``, weight ``(C, D)``, g ``(C,)``, scale scalar -> ``(N, C)``.
     """
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(features)
     with torch.autocast(features.device.type, enabled=False):
         x = F.normalize(features.to(dtype), dim=1)
         w = F.normalize(weight.to(dtype), dim=1)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_float, check_logits_target, check_positive
+from ..validation import check_float, check_logits_target, check_positive, compute_dtype
 from .base import LogitLoss
-from ._common import check_reduction, compute_dtype, reduce_loss
+from ._common import check_reduction, reduce_loss
 
 __all__ = ["ZLoss", "z_loss", "z_normalize"]
 

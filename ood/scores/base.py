@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -68,18 +68,47 @@ def concat_scores(parts: List[Tensor], what: str) -> Tensor:
     return torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
 
 
+#: What a score needs to run: ``'logits'`` (a function of the logits alone: one shared forward pass
+#: serves every such score) or ``'model'`` (it runs the model itself, e.g. through the input gradient).
+NEEDS = ("logits", "model")
+
+
 class OODScore(abc.ABC):
-    """Base class of every OOD score: ``fit`` then ``score``; higher = more in-distribution."""
+    """Base class of every OOD score: ``fit`` then ``score``; higher = more in-distribution.
+
+    The evaluator (:func:`ood.evaluate_ood`) only uses this interface: ``fit``, ``evaluate``
+    (ID and OOD scores per OOD set; a score with its own protocol overrides it), ``info`` (the
+    settings to report) and ``needs``.
+    """
 
     name: str = ""
+    needs: str = "model"
 
-    def fit(self, model: nn.Module, loader: Iterable) -> "OODScore":
-        """Fit on in-distribution training data ``loader`` (no-op by default); returns ``self``."""
+    def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "OODScore":
+        """Fit on in-distribution training data ``loader`` (no-op by default); returns ``self``.
+
+        ``val_loader`` (in-distribution validation data) is for scores whose protocol tunes on it;
+        the others ignore it.
+        """
         return self
 
     @abc.abstractmethod
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
         """``(N,)`` float64 scores of every sample of ``loader``; higher = more in-distribution."""
+
+    def evaluate(self, model: nn.Module, id_loader: Iterable,
+                 ood_loaders: Mapping[str, Iterable]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """``{ood_set: (id_scores, ood_scores)}``: the ID test set scored once, each OOD set once."""
+        s_in = self.score(model, id_loader)
+        return {name: (s_in, self.score(model, loader)) for name, loader in ood_loaders.items()}
+
+    def result_note(self) -> Optional[str]:
+        """A remark the evaluator attaches to every metrics entry of this score (``None``: none)."""
+        return None
+
+    def info(self) -> Dict[str, Any]:
+        """The hyper-parameters (and fitted settings, where a score has them) to report."""
+        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.endswith("_"))
@@ -91,8 +120,11 @@ class LogitScore(OODScore):
 
     ``score_logits(logits)`` is the tensor-level twin; ``score_head(head, features)`` scores a
     lossbench head through its own logits; ``score(model, loader)`` runs ``model(x)`` once per
-    batch without gradients.
+    batch without gradients. ``needs = 'logits'``: the evaluator may pass it logits it computed
+    once for every such score (a subclass that overrides ``score`` sets ``needs = 'model'``).
     """
+
+    needs = "logits"
 
     @abc.abstractmethod
     def _score_logits(self, logits: Tensor) -> Tensor:

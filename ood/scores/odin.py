@@ -38,6 +38,8 @@ class ODIN(LogitScore):
     (temperature scaling only). Inputs ``(N, ...)`` -> scores ``(N,)``.
     """
 
+    needs = "model"  # differentiates through the input
+
     name = "odin"
 
     def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ood import Energy, MSP, evaluate_ood, ood_metrics, plot_histograms, plot_roc, write_markdown
+from ood import Energy, MSP, OODScore, evaluate_ood, ood_metrics
+from ood.registry import SCORES, register_score
+from lossbench.experiments.report import markdown_table, plot_histograms, plot_roc
 
 from conftest import LinearFeatureModel, loader
 
@@ -44,9 +46,11 @@ def test_evaluate_structure_and_one_pass_for_logit_scores():
     for name, per in out["results"].items():
         assert set(per) == {"noise", "far"}
         for s, m in per.items():
-            assert m == ood_metrics(out["scores"][name]["id"], out["scores"][name][s])
-    np.testing.assert_allclose(out["scores"]["energy"]["id"], Energy().score_logits(model(x_id).detach()).numpy())
-    np.testing.assert_allclose(out["scores"]["msp"]["id"], MSP().score_logits(model(x_id).detach()).numpy())
+            pair = out["scores"][name][s]
+            assert set(pair) == {"id", "ood"}  # one shape of result for every score
+            assert m == ood_metrics(pair["id"], pair["ood"])
+    np.testing.assert_allclose(out["scores"]["energy"]["far"]["id"], Energy().score_logits(model(x_id).detach()).numpy())
+    np.testing.assert_allclose(out["scores"]["msp"]["noise"]["id"], MSP().score_logits(model(x_id).detach()).numpy())
 
 
 def test_every_score_and_both_mahalanobis_protocols(tmp_path):
@@ -65,19 +69,18 @@ def test_every_score_and_both_mahalanobis_protocols(tmp_path):
                          score_kwargs={"mahalanobis": {"protocol": "paper", "eps_grid": (0.0, 0.01)}})
     res = paper["results"]["mahalanobis"]
     assert "optimistic" in res["far"]["protocol"]
-    ids = paper["scores"]["mahalanobis"]["id"]
-    assert set(ids) == {"noise", "far"} and len(ids["far"]) == 60 - 15  # block min(1000, 30, 15)
+    raw = paper["scores"]["mahalanobis"]
+    assert set(raw) == {"noise", "far"} and set(raw["far"]) == {"id", "ood"}
+    assert len(raw["far"]["id"]) == 60 - 15  # block min(1000, 30, 15)
     assert set(paper["info"]["mahalanobis"]["eps"]) == {"noise", "far"}
 
-    md = write_markdown(out, str(tmp_path / "t.md"), "openood")
-    text = (tmp_path / "t.md").read_text()
-    assert md == text and "Convention `openood`" in text and "| odin |" in text
+    text = markdown_table(out, "openood")
+    assert "Convention `openood`" in text and "| odin |" in text
     assert "| score | noise | far | mean |" in text
     json.dumps(out["results"])  # metrics are JSON-serialisable
     plot_roc(out["scores"], str(tmp_path / "roc.png"))
     plot_histograms(paper, str(tmp_path / "hist.png"))
-    plot_roc(out["scores"]["energy"], str(tmp_path / "roc1.png"))
-    for f in ("roc.png", "hist.png", "roc1.png"):
+    for f in ("roc.png", "hist.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -107,14 +110,45 @@ def test_bad_loaders():
     model, fit, id_l, oods, _ = _setup()
     with pytest.raises(ValueError, match="ood_loaders"):
         evaluate_ood(model, fit, id_l, {})
-    with pytest.raises(ValueError, match="reserved"):
-        evaluate_ood(model, fit, id_l, {"id": id_l})
     with pytest.raises(ValueError, match="no samples"):
         evaluate_ood(model, fit, id_l, {"empty": []})
     with pytest.raises(ValueError, match="no samples"):
         evaluate_ood(model, fit, [], oods)
 
 
-def test_markdown_needs_convention(tmp_path):
+def test_markdown_needs_convention():
     with pytest.raises(ValueError, match="convention"):
-        write_markdown({"msp": {}}, str(tmp_path / "x.md"), None)
+        markdown_table({"msp": {}}, None)
+
+
+class _PerSetProtocol(OODScore):
+    """A score with its own per-OOD-set protocol, known to the evaluator only through the interface."""
+
+    def __init__(self, offset: float = 1.0):
+        self.offset = offset
+
+    def score(self, model, loader):
+        return torch.cat([model(x).detach().amax(1).double() for x, _ in loader])
+
+    def evaluate(self, model, id_loader, ood_loaders):
+        base = self.score(model, id_loader)
+        return {k: (base + i * self.offset, self.score(model, v)) for i, (k, v) in enumerate(ood_loaders.items())}
+
+    def result_note(self):
+        return "per-set protocol"
+
+    def info(self):
+        return {"offset": self.offset, "custom": True}
+
+
+def test_evaluator_uses_only_the_score_interface():
+    register_score("_per_set_test")(_PerSetProtocol)
+    try:
+        model, fit, id_l, oods, _ = _setup()
+        out = evaluate_ood(model, fit, id_l, oods, scores=("_per_set_test",))
+        raw = out["scores"]["_per_set_test"]
+        np.testing.assert_allclose(raw["far"]["id"] - raw["noise"]["id"], 1.0)
+        assert out["results"]["_per_set_test"]["far"]["protocol"] == "per-set protocol"
+        assert out["info"]["_per_set_test"] == {"offset": 1.0, "custom": True}
+    finally:
+        SCORES._entries.pop("_per_set_test")

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from lossbench.models import PretrainedWeightsError, create_backbone
+from lossbench.framework.models import PretrainedWeightsError, create_backbone
 
 
 def test_pretrained_file_loads_local_weights(tmp_path):
@@ -27,7 +27,7 @@ def test_pretrained_file_missing():
 def test_pretrained_offline_says_use_file():
     # a fresh interpreter, so the hub library reads HF_HUB_OFFLINE at import (no network wait)
     code = (
-        "from lossbench.models import create_backbone, PretrainedWeightsError\n"
+        "from lossbench.framework.models import create_backbone, PretrainedWeightsError\n"
         "try:\n    create_backbone('resnet10t', pretrained=True)\n"
         "except PretrainedWeightsError as e:\n    print('ERR', e)\n"
     )

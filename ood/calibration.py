@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validation import check_logits_target
+from lossbench.validation import check_logits_target
 
 
 def expected_calibration_error(logits: Tensor, target: Tensor, n_bins: int = 15) -> float:

@@ -1,5 +1,7 @@
 """Train -> eval through the real scripts, and the resume path."""
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -7,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains real models / runs the scripts
+
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "resnet10t", "--img-size", "16", "--batch-size", "64", "--no-progress"]
 
 

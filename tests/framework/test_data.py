@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lossbench.data import DatasetNotFoundError, get_data, get_ood_dataset
+from lossbench.framework.data import DatasetNotFoundError, get_data, get_ood_dataset
 
 
 def _rows(ds):
@@ -103,7 +103,7 @@ def test_max_train_samples_stratified_and_deterministic():
 
 
 def test_labels_of_matches_decoding(shared_data):
-    from lossbench.data import _labels_of
+    from lossbench.framework.data import _labels_of
 
     b = get_data("mnist", root=str(shared_data), img_size=8, id_classes=[2, 5, 7])
     fast = _labels_of(b.val)

@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 
 import lossbench
-from lossbench.config import parse_args
-from lossbench.engine import Trainer
+from lossbench.framework.config import parse_args
+from lossbench.framework.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains real models / runs the scripts
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", lossbench.list_losses())

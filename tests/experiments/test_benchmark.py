@@ -1,4 +1,4 @@
-"""The loss x OOD-score benchmark (ood/benchmark.py, ``eval.py bench``): config, embedding metrics,
+"""The loss x OOD-score benchmark (lossbench.experiments.benchmark, ``bench.py``): config, embedding metrics,
 leaderboard statistics, and the default digits benchmark end to end with resume and skipping."""
 
 import csv
@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from lossbench.config import ConfigError
-from lossbench.checkpoint import CheckpointError
-from ood.benchmark import (
-    cell_args, cell_state, embedding_quality, leaderboard_csv, leaderboard_markdown, load_config,
+from lossbench.framework.config import ConfigError
+from lossbench.framework.checkpoint import CheckpointError
+from lossbench.experiments.benchmark import (
+    cell_args, cell_state, leaderboard_csv, leaderboard_markdown, load_config,
     mean_std, resolve_config, run_benchmark, set_label, summarize,
 )
+from lossbench.experiments.embedding import embedding_quality
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "bench_digits.yaml"
 FASHION = ROOT / "configs" / "bench_fashionmnist.yaml"
 
@@ -155,22 +156,23 @@ def test_all_losses_is_the_registry():
 # -- end to end -----------------------------------------------------------------------------------
 
 def _bench(args, check=True):
-    out = subprocess.run([sys.executable, "eval.py", "bench", *args], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     if check and out.returncode != 0:
-        raise AssertionError(f"eval.py bench {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        raise AssertionError(f"bench.py {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
 
 
+@pytest.mark.slow
 def test_default_benchmark_end_to_end_resumes_and_skips(tmp_path, capsys):
-    """``eval.py bench``'s entry point in-process (the script's dispatch is tested below)."""
-    from ood.benchmark import main
+    """``bench.py``'s entry point in-process (the script's dispatch is tested below)."""
+    from lossbench.experiments.benchmark import main
 
     out_dir = tmp_path / "bench"
     flags = ["-c", str(DIGITS), "--losses", "ce,svm_l2", "--seeds", "0,1", "--epochs", "2", "--out", str(out_dir),
              "--no-progress"]
     # an interrupted benchmark: cell (ce, 0) stopped after 1 of its 2 epochs
-    from lossbench.engine import Trainer
+    from lossbench.framework.trainer import Trainer
 
     cfg = load_config(str(DIGITS), {"losses": ["ce", "svm_l2"], "seeds": [0, 1], "output": str(out_dir),
                                     "train": {"epochs": 2}})
@@ -235,7 +237,7 @@ def test_default_benchmark_end_to_end_resumes_and_skips(tmp_path, capsys):
 
 
 def test_diverged_cell_is_recorded_and_skipped(tmp_path, monkeypatch):
-    from lossbench.engine import Trainer
+    from lossbench.framework.trainer import Trainer
 
     calls = []
 
@@ -251,12 +253,15 @@ def test_diverged_cell_is_recorded_and_skipped(tmp_path, monkeypatch):
     assert run_benchmark(cfg, progress=False)["counts"]["failed"] == 1 and calls == ["zloss-s0"]  # not retried
 
 
+@pytest.mark.slow
 def test_bench_script_reports_config_errors(tmp_path):
-    res = _bench(["-c", str(DIGITS), "--losses", "ce,focal", "--out", str(tmp_path)], check=False)
-    assert res.returncode == 2 and "focal" in res.stderr
+    res = _bench(["-c", str(DIGITS), "--losses", "ce,no_such_loss", "--out", str(tmp_path)], check=False)
+    assert res.returncode == 2 and "no_such_loss" in res.stderr
+    assert res.stderr.startswith("bench.py: error: ") and "Traceback" not in res.stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+@pytest.mark.slow
 def test_real_data_benchmark(shared_data, tmp_path):
     """Fashion-MNIST (a 600-image subset) against MNIST and notMNIST, through the real-data config."""
     out_dir = tmp_path / "fashion"
@@ -281,3 +286,22 @@ def test_shipped_configs_resolve(name):
     assert len(cfg.seeds) == 3 and {"msp", "energy", "maxlogit", "mahalanobis"} <= set(cfg.scores)
     paths = [cfg.train.get("data_root") or "", cfg.output] + [s.split(":", 1)[1] for s in cfg.ood_sets if ":" in s]
     assert not any(Path(p).is_absolute() for p in paths), paths  # relative to the project root
+
+
+def test_resume_check_is_the_trainers_compile_is_run_control(tmp_path):
+    """Regression: a cell trained with ``compile: true`` was refused on resume by the benchmark
+    (which compared ``compile``) although the trainer accepts it; both now share one check."""
+    from lossbench.framework.checkpoint import save_checkpoint
+    from lossbench.framework.config import to_dict
+
+    cfg = load_config(str(DIGITS), {"losses": ["ce"], "seeds": [0], "output": str(tmp_path),
+                                    "train": {"epochs": 2, "compile": True}})
+    args = cell_args(cfg, "ce", 0)
+    saved = dict(to_dict(args), compile=False)
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 5, "config": saved}
+    save_checkpoint(str(tmp_path / "runs" / "ce-s0" / "last.pt"), state)
+    assert cell_state(cfg, args) == ("partial", 1)  # compile differs: still resumable
+    saved["lr"] = 0.5
+    save_checkpoint(str(tmp_path / "runs" / "ce-s0" / "last.pt"), dict(state, config=saved))
+    with pytest.raises(CheckpointError, match="lr"):
+        cell_state(cfg, args)

@@ -10,11 +10,11 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-import lossbench.engine as engine  # noqa: E402
+import lossbench.framework.trainer as engine  # noqa: E402
 
 
 def main() -> int:
@@ -52,7 +52,7 @@ def main() -> int:
     sys.argv = ["train.py"] + sys.argv[2:]
     import runpy
 
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "train.py"), run_name="__main__")
     return 0
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..errors import UnknownNameError, UserInputError
+
 TORCHVISION_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
 NOISE_SETS = ("gaussian", "uniform")
 DATASET_NAMES = ("digits",) + TORCHVISION_SETS + ("imagefolder:<path>",)
@@ -49,7 +51,7 @@ _HOW_TO_GET = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserInputError, FileNotFoundError):
     """A data set's files are not under the given root."""
 
 
@@ -343,7 +345,7 @@ def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, te
         spec = ImageSpec(ch, img_size, mean, std)
         return _split_bundle(key, train_base, test_base, list(train_base.classes), spec, seed,
                              id_classes, val_fraction, test_fraction)
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+    raise UnknownNameError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
 
 
 def _fit_stats(mean, std, ch):

@@ -1,4 +1,4 @@
-"""Train and evaluate loops that ``train.py`` and ``eval.py`` call.
+"""The training loop: :class:`Trainer` runs one training run (``train.py`` is argument parsing plus one call).
 
 Data flows one way: config -> data + timm backbone -> features -> head/loss -> trainer ->
 checkpoint. Training is seeded and deterministic on the CPU: the shuffling of epoch ``e`` is drawn
@@ -12,116 +12,24 @@ import argparse
 import csv
 import io
 import os
-import random
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .calibration import expected_calibration_error
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import from_dict, to_dict
-from .data import DataBundle, get_data, get_ood_dataset
+from .builders import (build_model, build_optimizer, build_scheduler, classification_metrics, load_bundle,
+                       make_loader, predict)
+from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from .config import to_dict
+from .data import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
-from .models import Classifier, create_model
-
-# Options that may differ between a run and its resumption.
-RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile")
+from .io import atomic_write_text, remove_stale_temp_files
+from .models import Classifier
+from .runtime import amp_dtype, rng_state, select_device, seed_everything, set_rng_state
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_ece", "seconds")
-
-
-def select_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                workers: int = 0, drop_last: bool = False) -> DataLoader:
-    g = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
-                      drop_last=drop_last and len(ds) > batch_size)
-
-
-def load_bundle(args: argparse.Namespace) -> DataBundle:
-    return get_data(args.data, root=args.data_root, img_size=args.img_size, channels=args.channels,
-                    seed=args.seed, id_classes=args.id_classes, val_fraction=args.val_fraction,
-                    download=args.download, max_train_samples=args.max_train_samples)
-
-
-def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
-    return create_model(args.model, bundle.num_classes, args.loss, args.loss_args,
-                        in_chans=bundle.spec.channels, pretrained=args.pretrained,
-                        pretrained_file=args.pretrained_file, drop_rate=args.drop_rate)
-
-
-def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    kwargs = {"momentum": args.momentum} if args.opt == "sgd" else {}
-    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
-
-
-def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """timm's cosine schedule with linear warm-up, stepped per optimisation step."""
-    from timm.scheduler import CosineLRScheduler
-
-    total = max(1, args.epochs * steps_per_epoch)
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    return CosineLRScheduler(optimizer, t_initial=total, lr_min=args.min_lr, warmup_t=min(warmup, total - 1),
-                             warmup_lr_init=args.lr * 0.01, t_in_epochs=False, warmup_prefix=False)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every sample of ``loader`` (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    outs, labels = [], []
-    for x, y in loader:
-        outs.append(model(x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    model.train(was_training)
-    if not outs:
-        raise ValueError("the loader yielded no samples")
-    return torch.cat(outs), torch.cat(labels)
-
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """Top-1 accuracy, mean cross-entropy and 15-bin ECE of ``logits`` against ``labels``."""
-    return {
-        "acc": float((logits.argmax(1) == labels).double().mean()),
-        "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels)),
-        "ece": expected_calibration_error(logits, labels, n_bins=15),
-    }
 
 
 def _cycle(loader: DataLoader) -> Iterator:
@@ -157,7 +65,7 @@ class Trainer:
 
     Under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPUs): ``--batch-size``
     is the global batch, every rank gets its slice of the same global batches (see
-    :mod:`lossbench.distributed`), training metrics are summed over ranks, and only rank 0 evaluates,
+    :mod:`lossbench.framework.distributed`), training metrics are summed over ranks, and only rank 0 evaluates,
     logs and writes checkpoints.
     """
 
@@ -178,12 +86,12 @@ class Trainer:
         self.model = build_model(args, self.bundle).to(self.device)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp_dtype = _amp_dtype(args, self.device)
+        self.amp_dtype = amp_dtype(args, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.energy_loss = None
         self.outliers: Optional[Iterator] = None
         if args.outlier_data:
-            from .losses.energy_margin import EnergyMarginLoss
+            from ..losses.energy_margin import EnergyMarginLoss
 
             self.energy_loss = EnergyMarginLoss(m_in=args.m_in, m_out=args.m_out, weight=args.energy_weight)
             ods = get_ood_dataset(args.outlier_data, self.bundle, root=args.data_root, seed=args.seed + 1,
@@ -227,15 +135,8 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         state = load_checkpoint(path)
-        saved = {k: v for k, v in state["config"].items() if k not in RUN_CONTROL_KEYS}
-        now = {k: v for k, v in to_dict(self.args).items() if k not in RUN_CONTROL_KEYS}
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {path!r} was written with a different configuration "
-                f"({', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff)}); "
-                f"resume with the same options or choose another --name"
-            )
+        check_resumable(state["config"], to_dict(self.args), f"checkpoint {path!r}",
+                        "resume with the same options or choose another --name")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -308,7 +209,7 @@ class Trainer:
         last = os.path.join(self.run_dir, "last.pt")
         if main:
             os.makedirs(self.run_dir, exist_ok=True)
-            _remove_stale_temp_files(self.run_dir)
+            remove_stale_temp_files(self.run_dir)
         if os.path.exists(last):
             if not args.resume:
                 raise FileExistsError(
@@ -353,34 +254,3 @@ class Trainer:
         return {"run_dir": self.run_dir, "epoch": self.epoch, "global_step": self.global_step,
                 "best_val_acc": self.best_val_acc, "is_main": main}
 
-
-def _remove_stale_temp_files(folder: str) -> None:
-    """Delete temp files a killed writer left behind (see :func:`lossbench.checkpoint.atomic_write_bytes`)."""
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.unlink(os.path.join(folder, name))
-
-
-def _amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``--amp``: bf16 on CPU; on CUDA ``--amp-dtype`` (fp16 uses a grad scaler)."""
-    if not args.amp:
-        return None
-    if device.type == "cpu":
-        return torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype]
-
-
-def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
-    """Rebuild the model, configuration and data of a saved run from its checkpoint file."""
-    state = load_checkpoint(checkpoint)
-    args = from_dict(state["config"])
-    args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
-    dev = select_device(device)
-    bundle = load_bundle(args)
-    model = build_model(args, bundle)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit the model its config describes: {err}") from None
-    model.to(dev).eval()
-    return model, args, bundle, state

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .registry import build_head
+from ..errors import UserInputError
+from ..registry import build_head
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserInputError, RuntimeError):
     """Pretrained weights could not be loaded (offline hub, missing or mismatched local file)."""
 
 

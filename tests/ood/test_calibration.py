@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lossbench.calibration import expected_calibration_error
+from ood.calibration import expected_calibration_error
 
 
 def test_ece_hand_worked():

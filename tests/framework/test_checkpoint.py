@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from lossbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lossbench.framework.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _state():

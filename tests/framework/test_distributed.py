@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossbench.distributed import GlobalBatchSampler
+from lossbench.framework.distributed import GlobalBatchSampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # test_nfnet has no BatchNorm: per-rank batch statistics would make CPU DDP differ (SyncBatchNorm is GPU-only).
 ARGS = ["train.py", "-c", "configs/demo.yaml", "--model", "test_nfnet", "--img-size", "16", "--epochs", "2",
         "--batch-size", "32", "--max-train-samples", "128", "--no-progress"]
@@ -29,6 +29,7 @@ def test_ranks_cover_the_single_process_batches():
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None
                     and shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

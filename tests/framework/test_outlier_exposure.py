@@ -1,11 +1,16 @@
 """Energy-bounded fine-tuning with auxiliary outliers (Liu et al. 2020) through the real trainer."""
 
+import pytest
+
 import torch
 
-from lossbench.config import parse_args
-from lossbench.data import get_ood_dataset
-from lossbench.engine import Trainer, make_loader, predict
+from lossbench.framework.config import parse_args
+from lossbench.framework.data import get_ood_dataset
+from lossbench.framework.builders import make_loader, predict
+from lossbench.framework.trainer import Trainer
 from ood import ood_metrics
+
+pytestmark = pytest.mark.slow  # trains real models / runs the scripts
 
 
 def _energy_auroc(trainer, ood_name):

@@ -1,6 +1,6 @@
 import pytest
 
-from lossbench.config import ConfigError, parse_args
+from lossbench.framework.config import ConfigError, parse_args
 
 
 def _write(tmp_path, text):

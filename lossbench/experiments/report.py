@@ -1,14 +1,19 @@
-"""Reports of an OOD evaluation: a Markdown table, ROC curves and score histograms (matplotlib, Agg)."""
+"""Reports of an OOD evaluation: a Markdown table, ROC curves and score histograms (matplotlib, Agg).
+
+Raw scores have one shape everywhere: ``{score: {ood_set: {'id': array, 'ood': array}}}`` (the
+``'scores'`` entry of :func:`ood.evaluate_ood`). Figures are written atomically.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
+
+from ..framework.io import atomic_save_figure
 
 CONVENTION_NOTES = {
     "paper": "seed papers' convention: ID positive; FPR@95 = share of OOD accepted at the ROC point "
@@ -22,11 +27,11 @@ def _results_of(results: Mapping[str, Any]) -> Mapping[str, Mapping[str, Mapping
     return results["results"] if "results" in results and "convention" in results else results
 
 
-def write_markdown(results: Mapping[str, Any], path: str, convention: Optional[str] = None) -> str:
-    """Write one table (rows: score, columns: OOD set, cells AUROC / FPR@95 in %) to ``path``.
+def markdown_table(results: Mapping[str, Any], convention: Optional[str] = None) -> str:
+    """One table (rows: score, columns: OOD set, cells AUROC / FPR@95 in %) and a long table of every metric.
 
     ``results``: ``evaluate_ood``'s output or its ``'results'`` entry. The caption states the
-    metric convention. A second, long table lists every metric. Returns the Markdown text.
+    metric convention.
     """
     if convention is None:
         convention = results.get("convention") if "convention" in results else None
@@ -61,80 +66,73 @@ def write_markdown(results: Mapping[str, Any], path: str, convention: Optional[s
         for s, m in per_set.items():
             lines.append(f"| {score} | {s} | " + " | ".join(
                 f"{100 * m[k]:.2f}" for k in ("auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")) + " |")
-    text = "\n".join(lines) + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
-def _per_score(scores: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
+def _per_score(scores: Mapping[str, Any]) -> Dict[str, Mapping[str, Mapping[str, Any]]]:
     if "scores" in scores and "convention" in scores:
         scores = scores["scores"]
-    if "id" in scores:  # a single score's {'id': ..., ood: ...}
-        return {"score": scores}
     if not scores:
         raise ValueError("scores is empty; nothing to plot")
     return dict(scores)
 
 
-def _id_for(entry: Mapping[str, Any], ood_set: str) -> np.ndarray:
-    ids = entry["id"]
-    return np.asarray(ids[ood_set] if isinstance(ids, Mapping) else ids, dtype=np.float64)
-
-
-def _grid(n: int):
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.5 * cols, 3.6 * rows))
+def new_figure(n_panels: int, cols: int = 3, size=(4.5, 3.6)):
+    """A figure (Agg canvas) with ``n_panels`` axes on a grid of at most ``cols`` columns."""
+    cols = min(n_panels, cols)
+    rows = (n_panels + cols - 1) // cols
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
     FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+
+
+def draw_roc(ax, s_in, s_out, label: str, color=None, linewidth: float = 1.5) -> None:
+    """One ROC curve (ID positive: ID kept vs OOD accepted) of ID scores ``s_in`` vs OOD scores ``s_out``."""
+    s_in, s_out = np.asarray(s_in, dtype=np.float64), np.asarray(s_out, dtype=np.float64)
+    y = np.r_[np.ones(s_in.size), np.zeros(s_out.size)]
+    fpr, tpr, _ = roc_curve(y, np.r_[s_in, s_out])
+    ax.plot(fpr, tpr, label=label, color=color, linewidth=linewidth)
+
+
+def style_roc_axes(ax, title: str, fontsize: Optional[float] = None) -> None:
+    """Chance diagonal, the 95 % TPR line, title and axis labels of a ROC panel."""
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+    ax.axhline(0.95, color="0.7", linewidth=0.8)
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("OOD accepted (FPR)", fontsize=fontsize)
+    ax.set_ylabel("ID kept (TPR)", fontsize=fontsize)
 
 
 def plot_roc(scores: Mapping[str, Any], path: str) -> None:
-    """ROC curves (ID kept vs OOD accepted; ID positive), one panel per score, one line per OOD set.
-
-    ``scores``: ``evaluate_ood``'s output, its ``'scores'`` entry, or one score's
-    ``{'id': array, ood_set: array}``.
-    """
+    """ROC curves, one panel per score, one line per OOD set (``evaluate_ood``'s output or its ``'scores'``)."""
     per = _per_score(scores)
-    fig, axes = _grid(len(per))
+    fig, axes = new_figure(len(per))
     for ax, (name, entry) in zip(axes, per.items()):
-        for ood_set, s_out in entry.items():
-            if ood_set == "id":
-                continue
-            s_in = _id_for(entry, ood_set)
-            s_out = np.asarray(s_out, dtype=np.float64)
-            y = np.r_[np.ones(s_in.size), np.zeros(s_out.size)]
-            fpr, tpr, _ = roc_curve(y, np.r_[s_in, s_out])
-            ax.plot(fpr, tpr, label=ood_set)
-        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
-        ax.axhline(0.95, color="0.7", linewidth=0.8)
-        ax.set_title(name)
-        ax.set_xlabel("OOD accepted (FPR)")
-        ax.set_ylabel("ID kept (TPR)")
+        for ood_set, pair in entry.items():
+            draw_roc(ax, pair["id"], pair["ood"], ood_set)
+        style_roc_axes(ax, name)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path)
 
 
 def plot_histograms(scores: Mapping[str, Any], path: str, bins: int = 50) -> None:
     """Score histograms (densities), one panel per score, ID against each OOD set.
 
-    The x-range is the central 99% of the panel's scores; values beyond it fall in the end bins.
+    The x-range is the central 99% of the panel's scores; values beyond it fall in the end bins. When
+    a score's ID scores differ per OOD set (an optimistic per-set protocol) each ID set is drawn.
     """
     per = _per_score(scores)
-    fig, axes = _grid(len(per))
+    fig, axes = new_figure(len(per))
     for ax, (name, entry) in zip(axes, per.items()):
-        ids = entry["id"]
-        arrays = {}
-        if isinstance(ids, Mapping):
-            for k, v in ids.items():
-                arrays[f"id ({k})"] = np.asarray(v, dtype=np.float64)
+        pairs = list(entry.items())
+        shared_id = all(np.array_equal(p["id"], pairs[0][1]["id"]) for _, p in pairs)
+        arrays: Dict[str, np.ndarray] = {}
+        if shared_id:
+            arrays["id"] = np.asarray(pairs[0][1]["id"], dtype=np.float64)
         else:
-            arrays["id"] = np.asarray(ids, dtype=np.float64)
-        arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in entry.items() if k != "id"})
-        # range: the central 99% of all scores, so one far-out set does not flatten the rest
+            arrays.update({f"id ({k})": np.asarray(p["id"], dtype=np.float64) for k, p in pairs})
+        arrays.update({k: np.asarray(p["ood"], dtype=np.float64) for k, p in pairs})
         allv = np.concatenate(list(arrays.values()))
         lo, hi = (float(v) for v in np.percentile(allv, [0.5, 99.5]))
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
@@ -146,5 +144,4 @@ def plot_histograms(scores: Mapping[str, Any], path: str, bins: int = 50) -> Non
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path)

@@ -13,13 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..errors import UserInputError
+from .cli import list_type, parse_list
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError):
     """A configuration file or value is invalid."""
-
-
-def _int_list(text: str) -> List[int]:
-    return [int(t) for t in str(text).replace(",", " ").split()]
 
 
 def _json_dict(text: str) -> Dict[str, Any]:
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
     g.add_argument("--img-size", type=int, default=32)
     g.add_argument("--channels", type=int, default=None, help="force 1 or 3 input channels")
-    g.add_argument("--id-classes", type=_int_list, default=None, help="in-distribution classes, e.g. 0,1,2,3,4,5; others are held out as OOD")
+    g.add_argument("--id-classes", type=list_type(int, "id_classes"), default=None, help="in-distribution classes, e.g. 0,1,2,3,4,5; others are held out as OOD")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--max-train-samples", type=int, default=None, help="keep a class-stratified subset of the training split")
     g.add_argument("--batch-size", type=int, default=64)
@@ -113,8 +112,11 @@ def apply_config(parser: argparse.ArgumentParser, data: Dict[str, Any], source: 
             raise ConfigError(f"unknown config key {key!r} in {source}; valid keys are: {', '.join(valid)}")
         if dest == "loss_args" and value is not None and not isinstance(value, dict):
             raise ConfigError(f"config key 'loss_args' in {source} must be a mapping, got {value!r}")
-        if dest == "id_classes" and isinstance(value, str):
-            value = _int_list(value)
+        if dest == "id_classes" and value is not None:
+            try:
+                value = parse_list(value, int, "id_classes")
+            except UserInputError as err:
+                raise ConfigError(f"{err} in {source}") from None
         clean[dest] = {} if dest == "loss_args" and value is None else value
     parser.set_defaults(**clean)
 

@@ -1,5 +1,7 @@
 """SIGKILL at several moments (mid-epoch, mid-checkpoint-write), resume, and end with the same weights."""
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -8,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains real models / runs the scripts
+
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["-c", "configs/demo.yaml", "--model", "test_resnet", "--img-size", "16", "--epochs", "3",
         "--batch-size", "32", "--max-train-samples", "128", "--no-progress"]
 
 
 def _train(extra, runner=None):
-    cmd = [sys.executable] + ([str(ROOT / "tests" / "kill_runner.py"), runner] if runner else ["train.py"])
+    cmd = [sys.executable] + ([str(ROOT / "tests" / "framework" / "kill_runner.py"), runner] if runner else ["train.py"])
     return subprocess.run(cmd + ARGS + extra, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

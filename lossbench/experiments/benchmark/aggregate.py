@@ -1,0 +1,75 @@
+"""Aggregation of finished cells: flat numbers per cell, mean and sample std over seeds."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from ...framework.io import read_json
+from .cells import cell_dir
+from .schema import BenchConfig
+
+
+def set_label(name: str) -> str:
+    """Short display name of an OOD set: ``imagefolder:<path>`` -> the folder's name."""
+    if name.lower().startswith("imagefolder:"):
+        return os.path.basename(os.path.normpath(name.split(":", 1)[1]))
+    return name
+
+
+def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
+    """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r, and per score
+    ``<score>/auroc``, ``<score>/fpr95`` (means over the OOD sets) and ``<score>/<set>/auroc|fpr95``."""
+    out = {"acc": metrics["test"]["acc"], "ece": metrics["test"]["ece"],
+           "p_at_1": metrics["embedding"]["p_at_1"], "map_at_r": metrics["embedding"]["map_at_r"]}
+    for score, per_set in metrics["ood"]["results"].items():
+        for key in ("auroc", "fpr95"):
+            vals = [m[key] for m in per_set.values()]
+            out[f"{score}/{key}"] = float(np.mean(vals))
+            for set_name, m in per_set.items():
+                out[f"{score}/{set_label(set_name)}/{key}"] = float(m[key])
+    return out
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; NaN for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
+
+
+def collect(cfg: BenchConfig) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """``{loss: {seed: metrics.json}}`` of the finished cells (those with a ``cell.json``)."""
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for loss in cfg.losses:
+        for seed in cfg.seeds:
+            d = cell_dir(cfg, loss, seed)
+            if read_json(os.path.join(d, "cell.json")) is None:
+                continue
+            m = read_json(os.path.join(d, "metrics.json"))
+            if m is not None:
+                out.setdefault(loss, {})[seed] = m
+    return out
+
+
+def failures(cfg: BenchConfig) -> Dict[str, Dict[int, str]]:
+    """``{loss: {seed: error}}`` of the cells whose training diverged (``failed.json``)."""
+    out: Dict[str, Dict[int, str]] = {}
+    for loss in cfg.losses:
+        for seed in cfg.seeds:
+            f = read_json(os.path.join(cell_dir(cfg, loss, seed), "failed.json"))
+            if f is not None:
+                out.setdefault(loss, {})[seed] = str(f.get("error", "diverged"))
+    return out
+
+
+def summarize(cells: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per loss: ``n`` seeds, ``seeds``, and ``{metric: (mean, std)}`` over seeds for every cell value."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for loss, per_seed in cells.items():
+        values = [cell_values(m) for m in per_seed.values()]
+        keys = [k for k in values[0] if all(k in v for v in values)]
+        rows[loss] = {"n": len(values), "seeds": sorted(per_seed),
+                      "stats": {k: mean_std([v[k] for v in values]) for k in keys}}
+    return rows

@@ -1,0 +1,112 @@
+"""Evaluate a trained model: accuracy, calibration and OOD detection, with its report files.
+
+:func:`evaluate_model` takes a model and its data (so a caller that already holds them, like the
+benchmark, builds nothing twice): top-1 accuracy and ECE (15 bins) on the test split, optionally
+the embedding quality of the penultimate test features, and every requested OOD score on every
+requested OOD set through :func:`ood.evaluate_ood`. :func:`evaluate_checkpoint` rebuilds a saved
+run first; :func:`write_report` writes ``metrics.json``, ``results.md``, ``roc.png`` and ``hist.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch.nn as nn
+
+from ood import evaluate_ood, list_scores
+
+from ..framework.builders import classification_metrics, load_run, make_loader
+from ..framework.data import DataBundle, get_ood_dataset
+from ..framework.io import atomic_write_json, atomic_write_text
+from .embedding import embedding_quality, predict_with_features
+from .report import markdown_table, plot_histograms, plot_roc
+
+DEFAULT_SYNTHETIC = ("gaussian", "uniform")
+#: Scores whose input pre-processing step is in pixel units (divided by the normalisation std).
+PIXEL_STEP_SCORES = ("odin", "mahalanobis")
+
+
+def default_ood_sets(has_heldout: bool) -> list:
+    """``heldout`` (when the data has held-out classes), then Gaussian and uniform noise."""
+    return (["heldout"] if has_heldout else []) + list(DEFAULT_SYNTHETIC)
+
+
+def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequence[str]] = None,
+                   scores: Optional[Sequence[str]] = None,
+                   score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                   convention: str = "paper", data_root: Optional[str] = None, seed: int = 0,
+                   batch_size: int = 256, max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
+                   embedding_distance: Optional[str] = None, progress: bool = False) -> Dict[str, Any]:
+    """Accuracy, ECE, (embedding quality) and OOD metrics of ``model`` on ``bundle`` (see module docstring).
+
+    OOD sets are drawn with ``seed`` (noise, subsets of large sets); ``embedding_distance``
+    ('cosine' or 'euclidean') adds P@1 / MAP@R of the test features under ``'embedding'``.
+    """
+    scores = list(scores) if scores else list_scores()
+    ood_sets = list(ood_sets) if ood_sets else default_ood_sets("heldout" in bundle.ood)
+    dev = next(model.parameters()).device
+    test_loader = make_loader(bundle.test, batch_size)
+    logits, feats, labels = predict_with_features(model, test_loader, dev)
+    test = dict(classification_metrics(logits, labels), n=int(labels.numel()))
+    ood_loaders = {}
+    for name in ood_sets:
+        ds = get_ood_dataset(name, bundle, root=data_root, n_noise=n_noise, seed=seed, max_samples=max_ood_samples)
+        ood_loaders[name] = make_loader(ds, batch_size)
+    # Input pre-processing steps (ODIN, Mahalanobis) are in pixel units, as in the official code: divide
+    # them by the normalisation std of the data, unless the caller set input_std.
+    score_kwargs = {k: dict(v) for k, v in (score_kwargs or {}).items()}
+    for name in scores:
+        if name in PIXEL_STEP_SCORES:
+            score_kwargs.setdefault(name, {}).setdefault("input_std", tuple(bundle.spec.std))
+    ood = evaluate_ood(model, make_loader(bundle.train, batch_size), test_loader, ood_loaders, scores=scores,
+                       score_kwargs=score_kwargs, convention=convention,
+                       val_loader=make_loader(bundle.val, batch_size), progress=progress)
+    result: Dict[str, Any] = {"test": test, "ood_sets": {k: len(v.dataset) for k, v in ood_loaders.items()},
+                              "ood": ood}
+    if embedding_distance is not None:
+        result["embedding"] = dict(embedding_quality(feats, labels, embedding_distance),
+                                   distance=embedding_distance, n=int(labels.numel()), dim=int(feats.shape[1]))
+    return result
+
+
+def evaluate_checkpoint(checkpoint: str, ood_sets: Optional[Sequence[str]] = None,
+                        scores: Optional[Sequence[str]] = None,
+                        score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                        convention: str = "paper", data_root: Optional[str] = None,
+                        batch_size: int = 256, device: str = "auto",
+                        max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
+                        embedding_distance: Optional[str] = None, progress: bool = False) -> Dict[str, Any]:
+    """:func:`evaluate_model` on the run saved in ``checkpoint`` (its model, data and seed)."""
+    model, args, bundle, state = load_run(checkpoint, device)
+    result = evaluate_model(model, bundle, ood_sets, scores, score_kwargs, convention,
+                            data_root if data_root is not None else args.data_root, args.seed, batch_size,
+                            max_ood_samples, n_noise, embedding_distance, progress)
+    head = {"checkpoint": os.path.abspath(checkpoint), "epoch": int(state["epoch"]), "config": state["config"]}
+    return {**head, **result}
+
+
+def report_markdown(result: Mapping[str, Any]) -> str:
+    """The Markdown summary of one evaluation: classification line, OOD sets, the OOD tables."""
+    t = result["test"]
+    head = (f"Classification on the test split ({t['n']} images): top-1 accuracy {100 * t['acc']:.2f} %, "
+            f"ECE (15 bins) {100 * t['ece']:.2f} %, NLL {t['loss']:.4f}.\n\n"
+            f"OOD sets: " + ", ".join(f"{k} ({n})" for k, n in result["ood_sets"].items()) + ".\n\n")
+    return head + markdown_table(result["ood"])
+
+
+def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) -> str:
+    """Write ``metrics.json`` (without raw scores), ``results.md`` and (``plots``) ``roc.png``, ``hist.png``.
+
+    Every file is written atomically. Returns the Markdown text.
+    """
+    ood = result["ood"]
+    metrics = {k: v for k, v in result.items() if k != "ood"}
+    metrics["ood"] = {k: v for k, v in ood.items() if k != "scores"}
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    text = report_markdown(result)
+    atomic_write_text(os.path.join(out_dir, "results.md"), text)
+    if plots:
+        plot_roc(ood, os.path.join(out_dir, "roc.png"))
+        plot_histograms(ood, os.path.join(out_dir, "hist.png"))
+    return text

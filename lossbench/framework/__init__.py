@@ -1,0 +1,18 @@
+"""The training framework (timm, torchvision): config, data, models, trainer, checkpoints, distributed.
+
+Built on the :mod:`lossbench` loss library; never imported by it. ``train.py`` is argument parsing
+plus :class:`Trainer`.
+"""
+
+from .builders import classification_metrics, load_run, make_loader, predict
+from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from .config import ConfigError, parse_args
+from .data import DataBundle, DatasetNotFoundError, get_data, get_ood_dataset
+from .models import Classifier, create_model
+from .trainer import Trainer
+
+__all__ = [
+    "Trainer", "parse_args", "ConfigError", "CheckpointError", "check_resumable", "load_checkpoint",
+    "save_checkpoint", "DataBundle", "DatasetNotFoundError", "get_data", "get_ood_dataset", "Classifier",
+    "create_model", "classification_metrics", "load_run", "make_loader", "predict",
+]

@@ -1,0 +1,98 @@
+"""Builders from a run's configuration: data loaders, model, optimiser, schedule; prediction and reloading.
+
+These are what the trainer, the evaluation of a run and the benchmark share, so a run is rebuilt
+the same way wherever it is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from ood.calibration import expected_calibration_error
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import from_dict
+from .data import DataBundle, get_data
+from .models import Classifier, create_model
+from .runtime import select_device
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                workers: int = 0, drop_last: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+                      drop_last=drop_last and len(ds) > batch_size)
+
+
+def load_bundle(args: argparse.Namespace) -> DataBundle:
+    return get_data(args.data, root=args.data_root, img_size=args.img_size, channels=args.channels,
+                    seed=args.seed, id_classes=args.id_classes, val_fraction=args.val_fraction,
+                    download=args.download, max_train_samples=args.max_train_samples)
+
+
+def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
+    return create_model(args.model, bundle.num_classes, args.loss, args.loss_args,
+                        in_chans=bundle.spec.channels, pretrained=args.pretrained,
+                        pretrained_file=args.pretrained_file, drop_rate=args.drop_rate)
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": args.momentum} if args.opt == "sgd" else {}
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's cosine schedule with linear warm-up, stepped per optimisation step."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=args.min_lr, warmup_t=min(warmup, total - 1),
+                             warmup_lr_init=args.lr * 0.01, t_in_epochs=False, warmup_prefix=False)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every sample of ``loader`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    if not outs:
+        raise ValueError("the loader yielded no samples")
+    return torch.cat(outs), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1 accuracy, mean cross-entropy and 15-bin ECE of ``logits`` against ``labels``."""
+    return {
+        "acc": float((logits.argmax(1) == labels).double().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(logits.double(), labels)),
+        "ece": expected_calibration_error(logits, labels, n_bins=15),
+    }
+
+
+def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
+    """Rebuild the model, configuration and data of a saved run from its checkpoint file."""
+    state = load_checkpoint(checkpoint)
+    args = from_dict(state["config"])
+    args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
+    dev = select_device(device)
+    bundle = load_bundle(args)
+    model = build_model(args, bundle)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit the model its config describes: {err}") from None
+    model.to(dev).eval()
+    return model, args, bundle, state

@@ -1,0 +1,67 @@
+"""Checkpoints (written atomically by :mod:`lossbench.framework.io`) and the one resume check.
+
+:func:`check_resumable` decides whether a saved run may be continued with the options now in force:
+the trainer and the benchmark both call it, so they accept and refuse the same changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, List, Mapping
+
+import torch
+
+from ..errors import UserInputError
+from .io import atomic_write_bytes
+
+FORMAT_VERSION = 1
+#: Options that may differ between a run and its resumption: they control how it runs, not what it computes.
+RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile")
+REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "global_step", "config")
+
+
+class CheckpointError(UserInputError, RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the run it is loaded into."""
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """Save ``state`` (see :data:`REQUIRED_KEYS`) atomically to ``path``."""
+    state = dict(state, format_version=FORMAT_VERSION)
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", required: Iterable[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+    """Load a checkpoint; a missing, truncated, corrupt or foreign file raises :class:`CheckpointError`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # pickle/zip errors of a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a lossbench checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path!r} is not a lossbench checkpoint (got {type(state).__name__})")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it is not a complete lossbench checkpoint")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format_version {state['format_version']}, expected {FORMAT_VERSION}")
+    return state
+
+
+def comparable_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The part of a run's configuration that must match for a resume (JSON-normalised)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}, default=str))
+
+
+def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """``'key: old -> new'`` for every key outside :data:`RUN_CONTROL_KEYS` whose value changed."""
+    a, b = comparable_config(saved), comparable_config(now)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], what: str, hint: str) -> None:
+    """:class:`CheckpointError` naming ``what`` and the changed options if ``saved`` cannot be resumed as ``now``."""
+    diff = config_changes(saved, now)
+    if diff:
+        raise CheckpointError(f"{what} was written with a different configuration ({', '.join(diff)}); {hint}")
