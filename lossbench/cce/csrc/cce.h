@@ -14,13 +14,17 @@ namespace lossbench_cce {
 // the row's target lies in it).
 struct PassArgs {
   at::Tensor L;                      // (R, V) compute dtype, contiguous
-  at::Tensor target;                 // (R) int64, -1 marks an ignored row
+  at::Tensor target;                 // (R) int64: -1 ignored row, [0, V) class, else bad
   c10::optional<at::Tensor> weight;  // (V) class weights or none
   at::Tensor g;                      // (R) per-row scale of the loss gradient
   c10::optional<at::Tensor> dlse;    // (R) gradient arriving at the log-sum-exp output
   at::Tensor loss;                   // (R) out
   at::Tensor lse;                    // (R) out
   at::Tensor flags;                  // (R, ntiles) uint8, zero-initialised
+  c10::optional<at::Tensor> lse_in;  // (R) log-sum-exp to normalise with (vocab-parallel)
+  c10::optional<at::Tensor> order;   // (V) int64 sorted vocabulary: tile t = order[t*tile ...]
+  c10::optional<at::Tensor> rank;    // (V) int64 inverse of order
+  at::Tensor bad;                    // (1) int64 out: rows with an out-of-range target
   double weight_sum = 0.0;           // sum of the class weights (V without weights)
   double label_smoothing = 0.0;
   double softcap = 0.0;              // <= 0: none
