@@ -14,9 +14,10 @@ For a block of R rows, ``Z = softcap(E_b C^T + b)`` (R x V, the only large buffe
             - g_i (eps/V) w_j - g_i (1-eps) w_y [j = y_i]
 
 times the soft-cap derivative ``1 - (z/cap)^2``; then ``dE_b = dZ C``, ``dC += dZ^T E_b`` and
-``db += sum_i dZ_i``. Gradient filtering: vocabulary tiles of ``tile`` classes in which every live
-row has ``p < filter_eps`` and no target are left out of the two gradient GEMMs (the bias gradient
-stays exact).
+``db += sum_i dZ_i``; the one-hot term ``-g_i (1-eps) w_y`` at ``(i, y_i)`` is applied by a
+gather / index-add outside the GEMMs. Gradient filtering: vocabulary tiles of ``tile`` classes
+(consecutive in ``order`` when given) in which every live row has ``p < filter_eps`` are left out
+of the two gradient GEMMs (the bias gradient and the one-hot term stay exact).
 """
 
 from __future__ import annotations
@@ -139,28 +140,25 @@ def torch_run(
         if ls > 0:
             wj = class_weight if class_weight is not None else torch.ones_like(l[:1]).expand(V)
             G.sub_((gi * ls / V)[:, None] * wj[None, :])
-        G.scatter_add_(1, y0[:, None], (-(gi * (1.0 - ls) * wy))[:, None])
+        ycoef = gi * (1.0 - ls) * wy  # the one-hot term, applied exactly below
         if softcap > 0:
             G.mul_(1.0 - (Z / softcap).square())
+            ycoef = ycoef * (1.0 - (zy / softcap).square())
         G[bad] = float("nan")
         del Z
 
         live = (gi != 0) | (dl != 0) | bad
-        rows_y = y[live & valid]
-        if rank is not None:
-            rows_y = rank[rows_y]
         if filter_eps > 0:
             Pl = P[live] if rank is None else P[live][:, order]
-            need = []
-            for t, Pt in enumerate(Pl.split(tile, dim=1)):
-                hit = bool((Pt >= filter_eps).any()) if Pt.numel() else False
-                hit = hit or bool(((rows_y >= t * tile) & (rows_y < (t + 1) * tile)).any())
-                need.append(hit)
+            need = [bool((Pt >= filter_eps).any()) if Pt.numel() else False
+                    for Pt in Pl.split(tile, dim=1)]
+            if bool(bad.any()):
+                need = [True] * ntiles
         else:
             need = [bool(live.any())] * ntiles
         del P
         kept = sum(need)
-        gather = rank is not None and filter_eps > 0 and 2 * kept <= ntiles
+        gather = rank is not None and filter_eps > 0 and 5 * kept <= 4 * ntiles
         if rank is not None and filter_eps > 0 and not gather:
             runs = [(0, V)] if kept else []
         else:
@@ -185,6 +183,13 @@ def torch_run(
                         dC.index_add_(0, idx, part.to(dC.dtype))
                     else:
                         dC[k0:k1] += part
+        # the one-hot target term dZ_iy -= ycoef_i, outside the tiles (never forces one in)
+        if dEb is not None:
+            dEb.sub_(C[y0].to(cdt) * ycoef[:, None])
+        if dC is not None:
+            dC.index_add_(0, y0, (Eb * -ycoef[:, None]).to(dC.dtype))
+        if db is not None:
+            db.index_add_(0, y0, -ycoef)
         if dE is not None:
             dE[r0:r1] = dEb
     return loss, lse, dE, dC, db, skipped, nbad

@@ -75,6 +75,7 @@ void row_pass_cpu(const PassArgs& a) {
   const int64_t* rank = a.rank.has_value() ? a.rank->data_ptr<int64_t>() : nullptr;
   T* loss = a.loss.data_ptr<T>();
   T* lse = a.lse.data_ptr<T>();
+  T* ycoef = a.grads ? a.ycoef.data_ptr<T>() : nullptr;
   uint8_t* flags = a.flags.data_ptr<uint8_t>();
   const T W = static_cast<T>(a.weight_sum);
   const T ls = static_cast<T>(a.label_smoothing);
@@ -142,6 +143,7 @@ void row_pass_cpu(const PassArgs& a) {
       uint8_t* fl = flags + i * ntiles;
       const T gi = g[i];
       const T dl = dlse != nullptr ? dlse[i] : T(0);
+      ycoef[i] = T(0);
       if (is_bad || (gi == T(0) && dl == T(0))) {
         std::memset(x, 0, sizeof(T) * V);
         continue;  // flags stay 0: this row needs no tile
@@ -200,8 +202,7 @@ void row_pass_cpu(const PassArgs& a) {
           const T u = zy / cap;
           f = T(1) - u * u;
         }
-        x[y] -= coef_y * f;
-        fl[(order != nullptr ? rank[y] : y) / tile] = 1;
+        ycoef[i] = coef_y * f;  // applied outside the tiles: never forces a tile in
       }
     }
   });
@@ -293,6 +294,7 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
   const int64_t RB = std::min(block_rows, N);
   at::Tensor buf = at::empty({RB, V}, opts);
   at::Tensor flags = at::empty({RB, ntiles}, opts.dtype(at::kByte));
+  at::Tensor ycoef_buf = at::empty({RB}, opts);
   at::Tensor rank;
   if (order.has_value()) {
     rank = at::empty({V}, order->options());
@@ -345,6 +347,8 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     a.order = order;
     if (order.has_value()) a.rank = rank;
     a.bad = bad;
+    at::Tensor yc = ycoef_buf.narrow(0, 0, R);
+    a.ycoef = yc;
     a.loss = loss.narrow(0, r0, R);
     a.lse = lse.narrow(0, r0, R);
     a.flags = fb;
@@ -378,8 +382,8 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     std::vector<std::pair<int64_t, int64_t>> runs;  // class (or sorted position) ranges
     int64_t kept = 0;
     for (int64_t t = 0; t < ntiles; ++t) kept += tn[t] ? 1 : 0;
-    // Sorted tiles are gathered; when most are kept the plain (exact) products are cheaper.
-    const bool gather = order.has_value() && filter_eps > 0.0 && 2 * kept <= ntiles;
+    // Sorted tiles are gathered; when over 80 % are kept the plain (exact) products are cheaper.
+    const bool gather = order.has_value() && filter_eps > 0.0 && 5 * kept <= 4 * ntiles;
     if (order.has_value() && filter_eps > 0.0 && !gather) {
       if (kept > 0) runs.emplace_back(0, V);
     } else {
@@ -442,6 +446,14 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
         }
       }
     }
+    // The one-hot target term, exactly: dZ_iy -= ycoef_i (ycoef is 0 on rows without one).
+    const at::Tensor yb = a.target.clamp(0, V - 1);
+    if (need_de) dEb.sub_(as_c(C.index_select(0, yb)) * yc.unsqueeze(1));
+    if (need_dc) {
+      const at::Tensor part = Ec.to(cdt) * (-yc).unsqueeze(1);
+      dC.index_add_(0, yb, part.to(dC.scalar_type()));
+    }
+    if (need_db) db.index_add_(0, yb, -yc);
     if (need_de && lowp) dE.narrow(0, r0, R).copy_(dEb);
   }
   at::Tensor nbad = bad.cpu().reshape({});

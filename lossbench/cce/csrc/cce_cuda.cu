@@ -66,7 +66,7 @@ __global__ void row_pass_kernel(T* __restrict__ L, int64_t V, const int64_t* __r
                                 T* __restrict__ lse, uint8_t* __restrict__ flags, T W, T ls,
                                 T cap, T filt, int64_t tile, int64_t ntiles, bool grads,
                                 const T* __restrict__ lse_in, const int64_t* __restrict__ rank,
-                                unsigned long long* __restrict__ bad) {
+                                unsigned long long* __restrict__ bad, T* __restrict__ ycoef) {
   __shared__ T shm[kThreads / 32];
   const int64_t i = blockIdx.x;
   T* x = L + i * V;
@@ -109,6 +109,9 @@ __global__ void row_pass_kernel(T* __restrict__ L, int64_t V, const int64_t* __r
 
   const T gi = g[i];
   const T dl = dlse != nullptr ? dlse[i] : T(0);
+  if (is_bad || (gi == T(0) && dl == T(0))) {
+    if (threadIdx.x == 0) ycoef[i] = T(0);
+  }
   if (is_bad) {
     for (int64_t j = threadIdx.x; j < V; j += kThreads) x[j] = T(NAN);
     if (threadIdx.x == 0) {
@@ -125,18 +128,25 @@ __global__ void row_pass_kernel(T* __restrict__ L, int64_t V, const int64_t* __r
   const T coef_y = gi * (T(1) - ls) * wy;
   const bool filtering = filt > T(0);
   uint8_t* fl = flags + i * ntiles;
+  if (threadIdx.x == 0) {  // the one-hot target term is applied by the host, outside the tiles
+    T f = T(1);
+    if (has_cap) {
+      const T u = zy / cap;
+      f = T(1) - u * u;
+    }
+    ycoef[i] = y >= 0 ? coef_y * f : T(0);
+  }
   const T lp = lse_in != nullptr ? lse_in[i] : l;  // vocab-parallel: the global log-sum-exp
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
     const T z = x[j];
     const T p = exp(z - lp);
     T gv = coef_p * p - coef_w * (w != nullptr ? w[j] : T(1));
-    if (j == y) gv -= coef_y;
     if (has_cap) {
       const T u = z / cap;
       gv *= T(1) - u * u;
     }
     x[j] = gv;
-    if (!filtering || p >= filt || j == y) {  // benign race: all write 1
+    if (!filtering || p >= filt) {  // benign race: all write 1
       fl[(rank != nullptr ? rank[j] : j) / tile] = 1;
     }
   }
@@ -160,7 +170,8 @@ void row_pass_cuda(const PassArgs& a) {
         a.loss.data_ptr<scalar_t>(), a.lse.data_ptr<scalar_t>(), a.flags.data_ptr<uint8_t>(),
         static_cast<scalar_t>(a.weight_sum), static_cast<scalar_t>(a.label_smoothing),
         static_cast<scalar_t>(a.softcap), static_cast<scalar_t>(a.filter_eps), a.tile, a.ntiles,
-        a.grads, a.lse_in.has_value() ? a.lse_in->data_ptr<scalar_t>() : nullptr, rank, bad);
+        a.grads, a.lse_in.has_value() ? a.lse_in->data_ptr<scalar_t>() : nullptr, rank, bad,
+        a.ycoef.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
