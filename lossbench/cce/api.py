@@ -28,10 +28,10 @@ the official ``utils._handle_eps``). The vocabulary is cut into tiles of ``chunk
 with ``sort_vocab`` (default when filtering) the classes are first ordered by their batch-mean
 logit ``mean_i(e_i) . c_j + b_j`` (descending), as in the paper, so that the classes no row needs
 are contiguous. In a block of rows, a tile is left out of the gradient GEMMs when every live row
-has softmax probability ``p < filter_eps`` for every class in it; the one-hot target term of
-d loss / d logits is applied exactly outside the tiles (a gather-dot and an index-add), so a
-target never forces its tile in. Each dropped entry of d loss / d logits (its softmax part) is
-then ``|dZ_ij| <= (|g_i| |w_{y_i}| + |dlse_i|) p_ij``, so
+has softmax probability ``p < filter_eps`` for every non-target class in it; each row's target
+entry of d loss / d logits is applied exactly outside the tiles (a gather-dot and an
+index-add), so a target never forces its tile in. Each dropped entry is then
+``|dZ_ij| <= (|g_i| |w_{y_i}| + |dlse_i|) p_ij`` with ``j != y_i``, so
 
     ||Delta dE_i||_2 <= filter_eps (|g_i| |w_{y_i}| + |dlse_i|) sum_{j skipped} ||c_j||_2,
     ||Delta dC_j||_2 <= filter_eps sum_i (|g_i| |w_{y_i}| + |dlse_i|) ||e_i||_2,

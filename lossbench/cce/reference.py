@@ -14,8 +14,8 @@ For a block of R rows, ``Z = softcap(E_b C^T + b)`` (R x V, the only large buffe
             - g_i (eps/V) w_j - g_i (1-eps) w_y [j = y_i]
 
 times the soft-cap derivative ``1 - (z/cap)^2``; then ``dE_b = dZ C``, ``dC += dZ^T E_b`` and
-``db += sum_i dZ_i``; the one-hot term ``-g_i (1-eps) w_y`` at ``(i, y_i)`` is applied by a
-gather / index-add outside the GEMMs. Gradient filtering: vocabulary tiles of ``tile`` classes
+``db += sum_i dZ_i``; the target entry ``dZ_{i y_i}`` is applied by a gather / index-add
+outside the GEMMs (and does not count for the filter). Gradient filtering: vocabulary tiles of ``tile`` classes
 (consecutive in ``order`` when given) in which every live row has ``p < filter_eps`` are left out
 of the two gradient GEMMs (the bias gradient and the one-hot term stay exact).
 """
@@ -140,10 +140,17 @@ def torch_run(
         if ls > 0:
             wj = class_weight if class_weight is not None else torch.ones_like(l[:1]).expand(V)
             G.sub_((gi * ls / V)[:, None] * wj[None, :])
-        ycoef = gi * (1.0 - ls) * wy  # the one-hot term, applied exactly below
+        ycoef = gi * (1.0 - ls) * wy  # the one-hot term
         if softcap > 0:
             G.mul_(1.0 - (Z / softcap).square())
             ycoef = ycoef * (1.0 - (zy / softcap).square())
+        # the whole target entry dZ_iy = G_iy - ycoef is applied exactly below, outside the
+        # tiles, so it never forces a tile in
+        rows = torch.nonzero(valid).squeeze(1)
+        ycoef = ycoef - torch.where(valid, G.gather(1, y0[:, None]).squeeze(1),
+                                    torch.zeros_like(ycoef))
+        G[rows, y0[rows]] = 0
+        P[rows, y0[rows]] = 0
         G[bad] = float("nan")
         del Z
 

@@ -150,6 +150,9 @@ void row_pass_cpu(const PassArgs& a) {
       }
       // The normaliser: this row's own log-sum-exp, or the one given (vocab-parallel: global).
       const T lp = lse_in != nullptr ? lse_in[i] : l;
+      // The target entry is handled outside the tiles (exactly, by the host): hide it from the
+      // filter and the tile products by a stand-in whose probability is ~0.
+      if (y >= 0) x[y] = keep_exp ? T(0) : lp - T(100);
       if (order != nullptr && filtering) {
         // Sorted tiles: tile t holds classes order[t*tile ...]. p_j >= filt iff
         // e_j >= filt * exp(lp - m) (kept exponentials) or z_j >= lp + log(filt).
@@ -197,12 +200,16 @@ void row_pass_cpu(const PassArgs& a) {
         else if (!filtering) fl[t] = 1;
       }
       if (y >= 0) {
+        // dZ_iy = f (coef_p p_y - coef_w w_y - coef_y) is applied by the host as -ycoef_i.
         T f = T(1);
         if (has_cap) {
           const T u = zy / cap;
           f = T(1) - u * u;
         }
-        ycoef[i] = coef_y * f;  // applied outside the tiles: never forces a tile in
+        const T py = std::exp(zy - lp);
+        const T wyj = w != nullptr ? w[y] : T(1);
+        ycoef[i] = f * (coef_y - coef_p * py + coef_w * wyj);
+        x[y] = T(0);
       }
     }
   });
@@ -225,6 +232,38 @@ void check_vec(const c10::optional<at::Tensor>& t, const char* name, const at::T
 }
 
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// dst[idx[k]] += src[k] for distinct idx (rows of a sorted run); ATen's CPU index_add_ goes
+// row by row through generic ops, about as slow as the GEMM it follows.
+template <typename T>
+void add_rows_impl(T* d, const int64_t* ix, const T* p, int64_t K, int64_t D) {
+  at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      T* dr = d + ix[k] * D;
+      const T* sr = p + k * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) dr[j] += sr[j];
+    }
+  });
+}
+
+void add_rows(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
+  if (dst.is_cuda() || dst.scalar_type() != src.scalar_type() || !dst.is_contiguous() ||
+      (dst.scalar_type() != at::kFloat && dst.scalar_type() != at::kDouble)) {
+    dst.index_add_(0, idx, src.to(dst.scalar_type()));
+    return;
+  }
+  const at::Tensor s = src.contiguous();
+  const at::Tensor ix = idx.contiguous();
+  if (dst.scalar_type() == at::kFloat) {
+    add_rows_impl<float>(dst.data_ptr<float>(), ix.data_ptr<int64_t>(), s.data_ptr<float>(),
+                         s.size(0), s.size(1));
+  } else {
+    add_rows_impl<double>(dst.data_ptr<double>(), ix.data_ptr<int64_t>(), s.data_ptr<double>(),
+                          s.size(0), s.size(1));
+  }
+}
 
 }  // namespace
 
@@ -407,7 +446,8 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     if (need_de) dEb = lowp ? at::zeros({R, D}, opts) : dE.narrow(0, r0, R).zero_();
     for (const auto& run : runs) {
       // split into pieces (low precision or gathered: bounded temporaries)
-      const int64_t step = (lowp || gather) ? piece : run.second - run.first;
+      const int64_t step = gather ? std::min<int64_t>(piece, 4096)
+                           : lowp ? piece : run.second - run.first;
       for (int64_t k0 = run.first; k0 < run.second; k0 += step) {
         const int64_t len = std::min(step, run.second - k0);
         at::Tensor idx, Gs, Cs;
@@ -438,7 +478,7 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
           } else {
             at::Tensor part = (lowp && is_cuda) ? at::mm(Gm.t(), Eb, cdt) : at::mm(Gm.t(), Ec);
             if (gather) {
-              dC.index_add_(0, idx, part.to(dC.scalar_type()));
+              add_rows(dC, idx, part);
             } else {
               dC.narrow(0, k0, len).add_(part);
             }

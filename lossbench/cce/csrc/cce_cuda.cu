@@ -128,15 +128,16 @@ __global__ void row_pass_kernel(T* __restrict__ L, int64_t V, const int64_t* __r
   const T coef_y = gi * (T(1) - ls) * wy;
   const bool filtering = filt > T(0);
   uint8_t* fl = flags + i * ntiles;
-  if (threadIdx.x == 0) {  // the one-hot target term is applied by the host, outside the tiles
+  const T lp = lse_in != nullptr ? lse_in[i] : l;  // vocab-parallel: the global log-sum-exp
+  if (threadIdx.x == 0) {  // the target entry is applied by the host, outside the tiles
     T f = T(1);
     if (has_cap) {
       const T u = zy / cap;
       f = T(1) - u * u;
     }
-    ycoef[i] = y >= 0 ? coef_y * f : T(0);
+    const T wyj = w != nullptr ? w[y >= 0 ? y : 0] : T(1);
+    ycoef[i] = y >= 0 ? f * (coef_y - coef_p * exp(zy - lp) + coef_w * wyj) : T(0);
   }
-  const T lp = lse_in != nullptr ? lse_in[i] : l;  // vocab-parallel: the global log-sum-exp
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
     const T z = x[j];
     const T p = exp(z - lp);
@@ -144,6 +145,10 @@ __global__ void row_pass_kernel(T* __restrict__ L, int64_t V, const int64_t* __r
     if (has_cap) {
       const T u = z / cap;
       gv *= T(1) - u * u;
+    }
+    if (j == y) {  // the target entry: applied by the host (ycoef)
+      x[j] = T(0);
+      continue;
     }
     x[j] = gv;
     if (!filtering || p >= filt) {  // benign race: all write 1
