@@ -68,10 +68,11 @@ def test_ext_and_torch_skip_the_same_tiles(device):
     E, C, b, t = [x.detach() for x in peaked(device)]
     tgt = torch.where(t == -100, torch.full_like(t, -1), t)
     g = (tgt >= 0).double()
-    args = (E, C, b, tgt, None, g, None, 0.0, 0.0, 1e-6, 8, 3, True, True, True)
+    args = (E, C, b, tgt, None, g, None, None, None, 0.0, 0.0, 1e-6, 8, 3, True, True, True, False)
     ref = api._run("torch", *args)
     got = api._run("ext", *args)
     assert ref[5] > 0 and got[5] == ref[5]
+    assert got[6] == ref[6] == 0
     for x, y in zip(got[:5], ref[:5]):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-13)
 
