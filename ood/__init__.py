@@ -14,6 +14,9 @@ from .calibration import expected_calibration_error
 from .scores import (
     MAHALANOBIS_EPS_GRID, ODIN_EPS_GRID, ODIN_TEMPERATURES, MSP, ODIN, Energy, LogitScore,
     Mahalanobis, MaxLogit, OODScore, fit_class_gaussian, mahalanobis_distances,
+    ASHB, ASHP, ASHS, DICE, FDBD, GEN, KNN, MDS, RMDS, SCALE, SHE, Classifier, FeatureData,
+    FeatureScore, GradNorm, KLMatching, NNGuide, ReAct, Relation, ScoreNotApplicable, ViM,
+    collect_features, resolve_classifier,
 )
 
 __all__ = [
@@ -24,4 +27,7 @@ __all__ = [
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
     "fit_class_gaussian", "mahalanobis_distances",
     "MAHALANOBIS_EPS_GRID", "ODIN_EPS_GRID", "ODIN_TEMPERATURES",
+    "FeatureScore", "FeatureData", "Classifier", "ScoreNotApplicable", "collect_features",
+    "resolve_classifier", "ReAct", "ASHP", "ASHB", "ASHS", "SCALE", "KNN", "ViM", "GEN",
+    "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "SHE", "FDBD", "NNGuide", "Relation",
 ]
