@@ -7,6 +7,7 @@ float64, plus tensor-level twins (``score_logits``; ``fit_features`` / ``score_f
 """
 
 from .evaluate import evaluate_ood
+from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, list_scores, register_score
@@ -20,7 +21,7 @@ from .scores import (
 )
 
 __all__ = [
-    "evaluate_ood", "ood_metrics", "CONVENTIONS",
+    "evaluate_ood", "ood_metrics", "CONVENTIONS", "FeatureCache",
     "create_score", "list_scores", "register_score",
     "expected_calibration_error",
     "FeatureExtractor", "penultimate_features",
