@@ -130,7 +130,8 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
             bar.set_postfix_str(f"score {n}")
             s = active[n]
             fn = s.score_logits if s.needs == "logits" else s.score_features
-            args = (lambda d: (d.logits,)) if s.needs == "logits" else (lambda d: (d.features, d.logits))
+            args = (lambda d: (d.float64().logits,)) if s.needs == "logits" else (
+                lambda d: (d.float64().features, d.float64().logits))
             try:
                 s_in = fn(*args(id_d))
                 pairs[n] = {k: (s_in, fn(*args(d))) for k, d in ood_d.items()}

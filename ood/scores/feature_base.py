@@ -49,6 +49,18 @@ class FeatureData:
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
+    def float64(self) -> "FeatureData":
+        """The same data with float64 features and logits (converted once, then reused by every score)."""
+        cached = self.__dict__.get("_float64")
+        if cached is None:
+            if self.features is None:
+                cached = FeatureData(None, self.logits.double(), self.labels)
+            else:
+                cached = FeatureData(self.features.double(), self.logits.double(), self.labels)
+            cached.__dict__["_float64"] = cached
+            self.__dict__["_float64"] = cached
+        return cached
+
 
 @dataclass
 class Classifier:
@@ -200,7 +212,9 @@ class FeatureScore(OODScore):
     def fit_data(self, train: FeatureData, classifier: Optional[Classifier], val: Optional[FeatureData] = None) -> "FeatureScore":
         """``fit_features`` from collected :class:`FeatureData` (validation data only where ``uses_val``)."""
         kw: dict = {}
+        train = train.float64()
         if self.uses_val and val is not None:
+            val = val.float64()
             kw = {"val_features": val.features, "val_logits": val.logits}
         return self.fit_features(train.features, train.logits, train.labels, classifier, **kw)
 

@@ -14,24 +14,23 @@ from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pa
 
 
 def kth_neighbour_distance(queries: Tensor, bank: Tensor, k: int, chunk: int = 1024,
-                           dtype: torch.dtype = torch.float32) -> Tensor:
+                           dtype: torch.dtype = torch.float32, bank_cast: Optional[Tensor] = None) -> Tensor:
     """Euclidean distance ``(N,)`` float64 from each query to its ``k``-th nearest row of ``bank``.
 
-    Candidates come from squared distances ``|q|^2 + |b|^2 - 2 q b^T`` in ``dtype`` (chunked
-    over queries: memory ``chunk x len(bank)``); the distance to the chosen neighbour is then
-    recomputed exactly in float64.
+    Candidates are ranked by ``|b|^2 - 2 q b^T`` (the squared distance minus the per-query
+    constant ``|q|^2``), one ``addmm`` in ``dtype`` chunked over queries (memory ``chunk x
+    len(bank)``); the distance to the chosen neighbour is then recomputed exactly in float64.
+    ``bank_cast``: ``bank`` already in ``dtype`` (saves the cast per call).
     """
-    bank_c = bank.to(dtype)
+    bank_c = bank.to(dtype) if bank_cast is None else bank_cast
     bank_sq = (bank_c * bank_c).sum(dim=1)
     bank64 = bank.double()
     out = []
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk]
-        qc = q.to(dtype)
-        d2 = (qc * qc).sum(dim=1, keepdim=True) + bank_sq[None, :] - 2.0 * (qc @ bank_c.T)
-        idx = torch.topk(d2, k, dim=1, largest=False).indices  # k smallest, ascending
-        nn_k = bank64[idx[:, -1]]
-        out.append((q.double() - nn_k).norm(dim=1))
+        rank = torch.addmm(bank_sq[None, :], q.to(dtype), bank_c.T, alpha=-2.0)
+        idx = torch.topk(rank, k, dim=1, largest=False, sorted=True).indices
+        out.append((q.double() - bank64[idx[:, -1]]).norm(dim=1))
     return torch.cat(out)
 
 
@@ -82,10 +81,10 @@ class KNN(FeatureScore):
             bank = bank[torch.randperm(bank.shape[0], generator=g)[:n]]
         if self.k > bank.shape[0]:
             raise ScoreNotApplicable(f"knn: k={self.k} exceeds the {bank.shape[0]} training features in the bank")
-        self.bank_, self.width_ = bank, int(bank.shape[1])
+        self.bank_, self.bank32_, self.width_ = bank, bank.float(), int(bank.shape[1])
         self.fitted_ = True
         return self
 
     def _score_features(self, features: Tensor, logits: Tensor) -> Tensor:
         self._check_width(features)
-        return -kth_neighbour_distance(self._prep(features), self.bank_, self.k, self.chunk)
+        return -kth_neighbour_distance(self._prep(features), self.bank_, self.k, self.chunk, bank_cast=self.bank32_)
