@@ -55,7 +55,8 @@ class Relation(FeatureScore):
         f, p = relation_normalise(features), torch.softmax(logits, dim=1)
         out = []
         for s in range(0, f.shape[0], self.chunk):
-            r = (f[s:s + self.chunk] @ self.train_features_.T).clamp_min(0) * (p[s:s + self.chunk] @ self.train_probs_.T)
-            r = r * (r.abs() > self.thres)
-            out.append((r.sign() * r.abs() ** self.pow).sum(dim=1))
+            r = (f[s:s + self.chunk] @ self.train_features_.T).clamp_min_(0).mul_(p[s:s + self.chunk] @ self.train_probs_.T)
+            # r >= 0 (a clamped cosine times an inner product of probabilities): sign(r)|r|^pow = r^pow
+            kept = r.masked_fill_(r <= self.thres, 0.0)
+            out.append((kept if self.pow == 1.0 else kept.pow_(self.pow)).sum(dim=1))
         return torch.cat(out)

@@ -184,3 +184,24 @@ def test_small_data_skips_instead_of_crashing():
     assert "knn" in out["results"]  # k = 50 <= 120 training samples
     assert "nnguide" in out["skipped"] and "K=100" in out["skipped"]["nnguide"]
     assert "msp" in out["results"]
+
+
+def test_model_without_head_uses_its_fc_checked_against_its_logits():
+    from conftest import LinearFeatureModel
+
+    model = LinearFeatureModel(in_dim=6, feat_dim=5, num_classes=3)
+    x, y = _data()
+    data = collect_features(model, loader(x.double(), y))
+    torch.testing.assert_close(data.logits, model(x.double()).float())
+    clf = resolve_classifier(model, data)
+    assert clf.linear and clf.source == "LinearFeatureModel.fc"
+
+    class Scaled(LinearFeatureModel):  # logits are not fc(features): the fc must not be trusted
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    odd = Scaled(in_dim=6, feat_dim=5, num_classes=3)
+    clf = resolve_classifier(odd, collect_features(odd, loader(x.double(), y)))
+    assert not clf.linear and "not W h + b" in clf.reason
+    with pytest.raises(ScoreNotApplicable, match="classifier"):  # no head function either
+        create_score("react").fit(odd, loader(x.double(), y))
