@@ -12,7 +12,10 @@ from .feature_base import (
     Classifier, FeatureData, FeatureScore, ScoreNotApplicable, collect_features, resolve_classifier,
 )
 from .react import ReAct
-from .ash import ASHB, ASHP, ASHS, ash_b, ash_p, ash_s
+from .ash import ash_b, ash_p, ash_s
+from .ash_b import ASHB
+from .ash_p import ASHP
+from .ash_s import ASHS
 from .scale import SCALE
 from .knn import KNN
 from .vim import ViM

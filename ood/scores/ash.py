@@ -1,4 +1,7 @@
-"""ASH-P, ASH-B and ASH-S: activation shaping of the pooled penultimate features, then energy."""
+"""Activation shaping (ASH) of pooled penultimate features: the shared pruning rules and score base.
+
+The three registered scores live in ``ash_p.py``, ``ash_b.py`` and ``ash_s.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..registry import register_score
 from .feature_base import Classifier, FeatureScore, check_pair, energy
 
 #: OpenOOD's APS grid for ASH (configs/postprocessors/ash.yml).
@@ -83,7 +85,7 @@ class _ASH(FeatureScore):
         return energy(self.classifier_.logits(type(self)._shape(features, self.percentile)))
 
 
-_DOC = """{what}
+ASH_DOC = """{what}
 
     Djurisic, Bozanic, Ashok & Liu, "Extremely Simple Activation Shaping for Out-of-Distribution
     Detection", ICLR 2023 (official code andrijazz/ash, ``ash.py``). Applied per sample to the
@@ -97,31 +99,3 @@ _DOC = """{what}
     """
 
 
-@register_score("ash_p")
-class ASHP(_ASH):
-    __doc__ = _DOC.format(what="ASH-P score: energy of the top-k-pruned penultimate activations.",
-                          rule="zero the rest", default_src="OpenOOD's ASH percentile; the function default is 65",
-                          note="")
-    name = "ash_p"
-    _shape = staticmethod(ash_p)
-
-
-@register_score("ash_b")
-class ASHB(_ASH):
-    __doc__ = _DOC.format(what="ASH-B score: energy of binarised activations (top-k set to s1/k).",
-                          rule="set each kept entry to ``s1 / k`` with ``s1 = sum(h)`` before pruning, zero the rest",
-                          default_src="OpenOOD configs/postprocessors/ash.yml",
-                          note="OpenOOD's row named 'ASH' is this variant (``ASHNet.forward_threshold`` calls ``ash_b``).")
-    name = "ash_b"
-    _shape = staticmethod(ash_b)
-
-
-@register_score("ash_s")
-class ASHS(_ASH):
-    __doc__ = _DOC.format(what="ASH-S score: energy of pruned activations scaled by exp(s1/s2).",
-                          rule="zero the rest and multiply the kept ones by ``exp(s1 / s2)`` (``s1`` sum before, "
-                               "``s2`` after pruning; 0/0 for an all-zero row is taken as ratio 0)",
-                          default_src="the official ImageNet ResNet-50 config ``ash_s@90``; its CIFAR-10 DenseNet config uses 95",
-                          note="")
-    name = "ash_s"
-    _shape = staticmethod(ash_s)
