@@ -33,7 +33,8 @@ class ViM(FeatureScore):
     Defaults: ``dim=None`` applies the official rule (:func:`official_dim`: 256 for a 512-wide
     ResNet-18, also OpenOOD's ``dim: 256``). OpenOOD's APS grid ``dim in (256, 1000)`` is ``GRID``;
     ``dim >= width`` leaves no residual (alpha = x/0, NaN scores in OpenOOD for 1000 on 512-d) and
-    is an error here (:class:`ScoreNotApplicable` naming both numbers). The eigen-decomposition is
+    is an error here (:class:`ScoreNotApplicable` naming both numbers), as is training data whose
+    residual eigenvalues are round-off (fewer independent samples than ``dim``: alpha would be noise). The eigen-decomposition is
     ``torch.linalg.eigh`` in float64 (OpenOOD's ``np.linalg.eig`` on a symmetric matrix can return
     complex round-off).
     """
@@ -64,8 +65,10 @@ class ViM(FeatureScore):
         order = torch.argsort(vals, descending=True)
         self.residual_basis_ = vecs[:, order[d:]]
         v_train = (x @ self.residual_basis_).norm(dim=1)
-        if float(v_train.mean()) <= 0:
-            raise ScoreNotApplicable("vim: the training features have no residual off the principal subspace")
+        if float(vals[order[d:]].max()) <= width * torch.finfo(torch.float64).eps * float(vals.max()):
+            raise ScoreNotApplicable(
+                f"vim: the {x.shape[0]} training features have (numerically) no residual off the top-{d} "
+                "subspace, so alpha would be round-off; it needs training data spanning more than dim directions")
         self.alpha_ = float(z.amax(dim=1).mean() / v_train.mean())
         self.dim_, self.width_ = d, width
         self.fitted_ = True

@@ -205,3 +205,21 @@ def test_model_without_head_uses_its_fc_checked_against_its_logits():
     assert not clf.linear and "not W h + b" in clf.reason
     with pytest.raises(ScoreNotApplicable, match="classifier"):  # no head function either
         create_score("react").fit(odd, loader(x.double(), y))
+
+
+def test_every_registered_score_runs_or_is_skipped_with_a_reason(resnet_model):
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 3, 32, 32), torch.arange(24) % 4
+    fit, id_l = loader(x, y, batch_size=8), loader(torch.randn(12, 3, 32, 32), torch.arange(12) % 4, batch_size=8)
+    oods = {"noise": loader(torch.rand(10, 3, 32, 32), batch_size=8)}
+    kw = {"knn": {"k": 3}, "nnguide": {"K": 1, "alpha": 0.2}, "odin": {"eps": 0.0}, "vim": {"dim": 8},
+          "mahalanobis": {"layers": "penultimate"}}
+    out = evaluate_ood(resnet_model, fit, id_l, oods, scores=list_scores(), score_kwargs=kw)
+    assert set(out["results"]) | set(out["skipped"]) == set(list_scores())
+    assert set(out["results"]) & set(out["skipped"]) == set()
+    for n, reason in out["skipped"].items():  # an untrained head: SHE may have no correct class
+        assert reason and out["info"][n]["skipped"] == reason
+    assert {"knn", "vim", "react", "ash_b", "dice", "gradnorm", "fdbd", "relation", "msp"} <= set(out["results"])
+    for per in out["results"].values():
+        assert 0.0 <= per["noise"]["auroc"] <= 1.0
+    json.dumps(out["info"]), json.dumps(out["skipped"])

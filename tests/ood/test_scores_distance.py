@@ -82,6 +82,8 @@ def test_vim_hand_case_official_dim_and_errors():
     with pytest.raises(ScoreNotApplicable, match="dim=2 must be smaller than the feature width 2"):
         _fit("vim", x, None, w, b, dim=2)
     h_tr, *_ = _rand(60, d=8, seed=5)
+    with pytest.raises(ScoreNotApplicable, match="no residual"):  # 3 samples span 3 directions < dim 4
+        _fit("vim", h_tr[:3], None, np.ones((3, 8)), np.zeros(3), dim=4)
     with pytest.raises(ScoreNotApplicable, match="dim=1000"):
         _fit("vim", h_tr, None, np.ones((3, 8)), np.zeros(3), dim=1000)
 
