@@ -231,7 +231,11 @@ class FeatureScore(OODScore):
         """``(N,)`` float64 scores from features ``(N, D)`` and logits ``(N, C)``; higher = in-distribution."""
         self._check_fitted()
         features, logits = check_pair(features, logits)
-        return self._score_features(features, logits).detach().to("cpu", torch.float64)
+        out = self._score_features(features, logits).detach().to("cpu", torch.float64)
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            raise ScoreNotApplicable(f"{self.name} gave {bad} non-finite score(s) of {out.numel()} on this data")
+        return out
 
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
         data = collect_features(model, loader, f"{self.name} score")

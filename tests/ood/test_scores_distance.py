@@ -159,6 +159,8 @@ def test_fdbd_random_against_loop(dist):
 def test_fdbd_hand_case():
     s = _fit("fdbd", np.array([[1.0, 1.0], [-1.0, -1.0]]), None, np.eye(2), np.zeros(2))
     assert _score(s, np.array([[3.0, 1.0]]), np.eye(2), np.zeros(2))[0] == pytest.approx(1 / math.sqrt(5), rel=1e-12)
+    with pytest.raises(ScoreNotApplicable, match="1 non-finite"):  # a query at the training mean: x / 0
+        _score(s, np.array([[3.0, 1.0], [0.0, 0.0]]), np.eye(2), np.zeros(2))
 
 
 # ---- NNGuide -------------------------------------------------------------------------------------
