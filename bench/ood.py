@@ -1,8 +1,16 @@
-"""Mahalanobis fit/score throughput (batched vs a per-class loop), and the wall time of eval.py.
+"""OOD score timings: every feature score's fit and scoring time, KNN vs faiss, Mahalanobis, eval.py.
 
-    python bench/ood.py                         # 50,000 x 512 features, 100 classes
+    python bench/ood.py                          # scores + knn tables: 50,000 x 512 train, 10,000 queries
+    python bench/ood.py --part mahalanobis       # batched vs per-class-loop Mahalanobis, 100 classes
     python bench/ood.py --checkpoint RUN/best.pt [-- extra eval.py arguments]
 
+Scores table: synthetic post-ReLU features (Gaussian class clusters, ``--classes`` classes) and a
+least-squares linear head; fit = ``fit_features`` on the training features, score =
+``score_features`` on the queries (median of ``--repeats``). KNN table: our exact torch search
+against faiss's exact ``IndexFlatL2`` (``pip install faiss-cpu``; skipped when absent) on the
+same normalised bank, with the largest score difference.
+
+Mahalanobis table:
 Both implementations compute the same float64 quantities (the table shows their largest
 difference): fit = class means + tied covariance + pseudo-inverse; score = min over classes of
 the squared Mahalanobis distance. The loop baseline is the form peers use (one pass per class);
@@ -22,10 +30,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# This file is named ood.py: drop its own folder from the path so that ``import ood`` is the library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
+from ood import Classifier, create_score, list_scores  # noqa: E402
+from ood.registry import get_score_class  # noqa: E402
+from ood.scores.feature_base import ScoreNotApplicable, l2_normalise  # noqa: E402
 from ood.scores.mahalanobis import fit_class_gaussian, mahalanobis_distances  # noqa: E402
+
+#: Settings for the timing run where a default does not fit the synthetic data.
+BENCH_KWARGS = {"vim": {"dim": 256}}
 
 
 def loop_fit(f: torch.Tensor, y: torch.Tensor, c: int):
@@ -61,30 +76,89 @@ def timed(fn, repeats: int):
     return float(np.median(times)), out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=50_000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--baseline-samples", type=int, default=2_000)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--checkpoint", default=None, help="checkpoint to time eval.py on")
-    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="extra eval.py arguments after --")
-    a = p.parse_args()
+def synthetic(n: int, q: int, dim: int, classes: int, seed: int = 0):
+    """Post-ReLU class-cluster features, labels, a least-squares linear head, and OOD-ish queries."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    h = torch.relu(centres[y] + torch.randn(n, dim, generator=g)).float()
+    yq = torch.randint(0, classes, (q,), generator=g)
+    hq = torch.relu(centres[yq] * (torch.rand(q, 1, generator=g) < 0.5) + torch.randn(q, dim, generator=g)).float()
+    a = torch.cat([h.double(), torch.ones(n, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(a, 5.0 * torch.nn.functional.one_hot(y, classes).double()).solution
+    clf = Classifier.from_linear(sol[:-1].T.contiguous(), sol[-1])
+    return h, y, hq, clf
 
+
+def scores_table(a) -> None:
+    h, y, hq, clf = synthetic(a.n, a.queries, a.dim, a.classes)
+    z, zq = clf.logits(h).float(), clf.logits(hq).float()
+    names = [n for n in list_scores() if get_score_class(n).needs == "features"] + ["gen"]
+    print(f"Feature scores, {a.n:,} x {a.dim} training features, {a.queries:,} queries, {a.classes} classes, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads (median of {a.repeats})")
+    print("| score | settings | fit (s) | score (s) | queries/s |")
+    print("|---|---|---|---|---|")
+    for n in names:
+        kw = BENCH_KWARGS.get(n, {})
+        s = create_score(n, **kw)
+        try:
+            if n == "gen":
+                t_fit, t_sc = 0.0, timed(lambda: s.score_logits(zq), a.repeats)[0]
+            else:
+                t_fit = timed(lambda: s.fit_features(h, z, y, clf), a.repeats)[0]
+                t_sc = timed(lambda: s.score_features(hq, zq), a.repeats)[0]
+        except ScoreNotApplicable as err:
+            print(f"| {n} | skipped: {err} | | | |", flush=True)
+            continue
+        settings = ", ".join(f"{k}={v}" for k, v in s.info().items() if k not in ("chunk",)) or "-"
+        print(f"| {n} | {settings} | {t_fit:.2f} | {t_sc:.2f} | {a.queries / t_sc:,.0f} |", flush=True)
+
+
+def knn_table(a) -> None:
+    h, y, hq, clf = synthetic(a.n, a.queries, a.dim, a.classes)
+    z, zq = clf.logits(h).float(), clf.logits(hq).float()
+    knn = create_score("knn", k=a.k)
+    t_fit, _ = timed(lambda: knn.fit_features(h, z, None, clf), a.repeats)
+    t_sc, ours = timed(lambda: knn.score_features(hq, zq), a.repeats)
+    print(f"\nKNN (k={a.k}), exact search, {a.n:,} x {a.dim} bank, {a.queries:,} queries (median of {a.repeats})")
+    print("| backend | build (s) | search (s) | queries/s | max abs score difference vs ours |")
+    print("|---|---|---|---|---|")
+    print(f"| torch (ours) | {t_fit:.2f} | {t_sc:.2f} | {a.queries / t_sc:,.0f} | 0 |")
+    try:
+        import faiss
+    except ImportError:
+        print("| faiss IndexFlatL2 | not installed (pip install faiss-cpu) | | | |")
+        return
+    bank = l2_normalise(h.double()).float().numpy()
+    qn = l2_normalise(hq.double()).float().numpy()
+
+    def build():
+        index = faiss.IndexFlatL2(a.dim)
+        index.add(bank)
+        return index
+
+    t_b, index = timed(build, a.repeats)
+    t_s, (d, _) = timed(lambda: index.search(qn, a.k), a.repeats)
+    theirs = -np.sqrt(np.maximum(d[:, -1], 0))  # faiss returns squared distances
+    diff = float(np.abs(theirs - ours.numpy()).max())
+    print(f"| faiss {faiss.__version__} IndexFlatL2 | {t_b:.2f} | {t_s:.2f} | {a.queries / t_s:,.0f} | {diff:.1e} |")
+    print(f"faiss search / ours: {t_s / t_sc:.2f}x the time (faiss {t_sc / t_s:.2f}x faster)")
+
+
+def mahalanobis_table(a) -> None:
     g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, a.classes, (a.n,), generator=g)
-    centres = torch.randn(a.classes, a.dim, generator=g) * 2
+    y = torch.randint(0, a.maha_classes, (a.n,), generator=g)
+    centres = torch.randn(a.maha_classes, a.dim, generator=g) * 2
     f = (centres[y] + torch.randn(a.n, a.dim, generator=g)).float()
     nb = min(a.baseline_samples, a.n)
 
-    t_fit, (mu, prec, _) = timed(lambda: fit_class_gaussian(f, y, a.classes, "empirical"), a.repeats)
-    t_fit_loop, (mu_l, prec_l) = timed(lambda: loop_fit(f, y, a.classes), a.repeats)
+    t_fit, (mu, prec, _) = timed(lambda: fit_class_gaussian(f, y, a.maha_classes, "empirical"), a.repeats)
+    t_fit_loop, (mu_l, prec_l) = timed(lambda: loop_fit(f, y, a.maha_classes), a.repeats)
     t_sc, s = timed(lambda: -mahalanobis_distances(f, mu, prec).amin(1), a.repeats)
     t_sc_loop, s_loop = timed(lambda: loop_score(f[:nb], mu_l, prec_l), a.repeats)
     diff = float((s[:nb] - s_loop).abs().max() / s_loop.abs().max())
 
-    print(f"Mahalanobis, {a.n:,} x {a.dim} float32 features, {a.classes} classes, "
+    print(f"Mahalanobis, {a.n:,} x {a.dim} float32 features, {a.maha_classes} classes, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (median of {a.repeats})")
     print("| step | batched (ours) | per-class loop | ratio |")
     print("|---|---|---|---|")
@@ -94,6 +168,29 @@ def main() -> None:
           f"{t_sc_loop:.2f} s, {nb / t_sc_loop:,.0f} samples/s | {(t_sc_loop / nb) / (t_sc / a.n):.1f}x |")
     print(f"max relative score difference (first {nb:,} samples): {diff:.1e}")
 
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("scores", "knn", "mahalanobis", "default", "all"), default="default",
+                   help="default: scores + knn")
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--maha-classes", type=int, default=100)
+    p.add_argument("--baseline-samples", type=int, default=2_000)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--checkpoint", default=None, help="checkpoint to time eval.py on")
+    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="extra eval.py arguments after --")
+    a = p.parse_args()
+    if a.part in ("scores", "default", "all"):
+        scores_table(a)
+    if a.part in ("knn", "default", "all"):
+        knn_table(a)
+    if a.part in ("mahalanobis", "all"):
+        mahalanobis_table(a)
     if a.checkpoint:
         extra = [x for x in a.eval_args if x != "--"]
         cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", a.checkpoint, *extra]

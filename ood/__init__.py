@@ -7,6 +7,7 @@ float64, plus tensor-level twins (``score_logits``; ``fit_features`` / ``score_f
 """
 
 from .evaluate import evaluate_ood
+from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, list_scores, register_score
@@ -14,14 +15,20 @@ from .calibration import expected_calibration_error
 from .scores import (
     MAHALANOBIS_EPS_GRID, ODIN_EPS_GRID, ODIN_TEMPERATURES, MSP, ODIN, Energy, LogitScore,
     Mahalanobis, MaxLogit, OODScore, fit_class_gaussian, mahalanobis_distances,
+    ASHB, ASHP, ASHS, DICE, FDBD, GEN, KNN, MDS, RMDS, SCALE, SHE, Classifier, FeatureData,
+    FeatureScore, GradNorm, KLMatching, NNGuide, ReAct, Relation, ScoreNotApplicable, ViM,
+    collect_features, resolve_classifier,
 )
 
 __all__ = [
-    "evaluate_ood", "ood_metrics", "CONVENTIONS",
+    "evaluate_ood", "ood_metrics", "CONVENTIONS", "FeatureCache",
     "create_score", "list_scores", "register_score",
     "expected_calibration_error",
     "FeatureExtractor", "penultimate_features",
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
     "fit_class_gaussian", "mahalanobis_distances",
     "MAHALANOBIS_EPS_GRID", "ODIN_EPS_GRID", "ODIN_TEMPERATURES",
+    "FeatureScore", "FeatureData", "Classifier", "ScoreNotApplicable", "collect_features",
+    "resolve_classifier", "ReAct", "ASHP", "ASHB", "ASHS", "SCALE", "KNN", "ViM", "GEN",
+    "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "SHE", "FDBD", "NNGuide", "Relation",
 ]

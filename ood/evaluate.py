@@ -12,6 +12,7 @@ from torch import Tensor
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score
 from .scores.base import OODScore, batches, eval_mode, model_device
+from .scores.feature_base import FeatureData, ScoreNotApplicable, collect_features, resolve_classifier
 
 
 def _logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
@@ -37,22 +38,74 @@ def _check_request(ood_loaders: Mapping[str, Iterable], scores: Sequence[str], c
         raise ValueError(f"score_kwargs names scores not requested: {unknown}; requested {list(scores)}")
 
 
+class FeaturePasses:
+    """(features, logits, labels) per loader, computed once and reused by every score.
+
+    ``cache`` (an :class:`ood.feature_cache.FeatureCache`, optional) keeps them on disk between
+    evaluations; ``passes`` counts the loaders actually run through the model.
+    """
+
+    def __init__(self, model: nn.Module, cache: Optional[Any] = None):
+        self.model, self.cache, self.passes = model, cache, 0
+        self._memo: Dict[int, FeatureData] = {}
+
+    def get(self, loader: Iterable, what: str) -> FeatureData:
+        key = id(loader)
+        if key not in self._memo:
+            data = self.cache.load(loader) if self.cache is not None else None
+            if data is None:
+                data = collect_features(self.model, loader, what)
+                self.passes += 1
+                if self.cache is not None:
+                    self.cache.save(loader, data)
+            self._memo[key] = data
+        return self._memo[key]
+
+
+def _fit_all(objs: Mapping[str, OODScore], model: nn.Module, fit_loader: Iterable, val_loader: Optional[Iterable],
+             passes: FeaturePasses, skipped: Dict[str, str], bar) -> None:
+    """Fit every score; feature scores from the shared training (and validation) pass."""
+    feature_names = [n for n, s in objs.items() if s.needs == "features"]
+    if feature_names:
+        train = passes.get(fit_loader, "fit loader")
+        classifier = resolve_classifier(model, train)
+        wants_val = val_loader is not None and any(getattr(objs[n], "uses_val", False) for n in feature_names)
+        val = passes.get(val_loader, "val loader") if wants_val else None
+    for n, s in objs.items():
+        bar.set_postfix_str(f"fit {n}")
+        try:
+            if s.needs == "features":
+                s.fit_data(train, classifier, val)
+            else:
+                s.fit(model, fit_loader, val_loader=val_loader)
+        except ScoreNotApplicable as err:
+            skipped[n] = str(err)
+        bar.update()
+
+
 def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
                  ood_loaders: Mapping[str, Iterable], scores: Sequence[str] = ("msp", "energy"),
                  score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  convention: str = "paper", val_loader: Optional[Iterable] = None,
-                 progress: bool = False) -> Dict[str, Any]:
+                 progress: bool = False, feature_cache: Optional[Any] = None) -> Dict[str, Any]:
     """Fit each score on ``fit_loader``, score ``id_loader`` and every OOD loader, and measure.
 
-    The model runs once per loader for all scores with ``needs == 'logits'`` (MSP, energy,
-    max-logit); the others (ODIN, Mahalanobis) run their own passes through
+    One pass per loader (training, validation, ID test, each OOD set) collects (penultimate
+    features, logits, labels) for every score with ``needs == 'features'`` (KNN, ViM, ReAct, ...)
+    and every score with ``needs == 'logits'`` (MSP, energy, ...) together; the logits come from
+    ``model.head.logits(features)`` when the model has a head. With logit scores only, the pass
+    is ``model(x)`` alone. The others (ODIN, Mahalanobis) run their own passes through
     :meth:`~ood.scores.base.OODScore.evaluate` (a score with its own protocol, such as
-    Mahalanobis' optimistic 'paper' protocol, defines it there). ``val_loader``
-    (in-distribution validation data) is handed to every ``fit``. ``progress`` shows a tqdm bar
-    over the scores.
+    Mahalanobis' optimistic 'paper' protocol, defines it there). ``val_loader`` (in-distribution
+    validation data) is handed to every ``fit``. ``feature_cache``
+    (:class:`ood.feature_cache.FeatureCache`) keeps the passes on disk. A score that cannot run
+    on this model or data (:class:`~ood.scores.feature_base.ScoreNotApplicable`, e.g. ViM on a
+    non-linear head) is skipped: no results, its reason under ``'skipped'`` and in its ``info``.
+    ``progress`` shows a tqdm bar over the scores.
 
     Returns ``{'convention', 'results': {score: {ood_set: metrics}}, 'scores': {score: {ood_set:
-    {'id': array, 'ood': array}}}, 'info': {score: settings}}``; higher = in-distribution.
+    {'id': array, 'ood': array}}}, 'info': {score: settings}, 'skipped': {score: reason},
+    'feature_passes': loaders run for the shared pass}``; higher = in-distribution.
     """
     score_kwargs = dict(score_kwargs or {})
     _check_request(ood_loaders, scores, convention, score_kwargs)
@@ -60,22 +113,33 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     from tqdm import tqdm
 
     bar = tqdm(total=2 * len(objs), desc="OOD scores", disable=not progress, leave=False, dynamic_ncols=True)
-    for n, s in objs.items():
-        bar.set_postfix_str(f"fit {n}")
-        s.fit(model, fit_loader, val_loader=val_loader)
-        bar.update()
+    passes, skipped = FeaturePasses(model, feature_cache), {}
+    _fit_all(objs, model, fit_loader, val_loader, passes, skipped, bar)
+    active = {n: s for n, s in objs.items() if n not in skipped}
 
     pairs: Dict[str, Dict[str, tuple]] = {}
-    logit_names = [n for n, s in objs.items() if s.needs == "logits"]
-    if logit_names:
-        id_logits = _logits(model, id_loader, "id set")
-        ood_logits = {k: _logits(model, v, f"{k} set") for k, v in ood_loaders.items()}
-        for n in logit_names:
-            s_in = objs[n].score_logits(id_logits)
-            pairs[n] = {k: (s_in, objs[n].score_logits(v)) for k, v in ood_logits.items()}
+    shared = [n for n, s in active.items() if s.needs in ("logits", "features")]
+    if shared:
+        if any(active[n].needs == "features" for n in shared) or feature_cache is not None:
+            id_d = passes.get(id_loader, "id set")
+            ood_d = {k: passes.get(v, f"{k} set") for k, v in ood_loaders.items()}
+        else:
+            id_d = FeatureData(None, _logits(model, id_loader, "id set"))
+            ood_d = {k: FeatureData(None, _logits(model, v, f"{k} set")) for k, v in ood_loaders.items()}
+        for n in shared:
+            bar.set_postfix_str(f"score {n}")
+            s = active[n]
+            fn = s.score_logits if s.needs == "logits" else s.score_features
+            args = (lambda d: (d.float64().logits,)) if s.needs == "logits" else (
+                lambda d: (d.float64().features, d.float64().logits))
+            try:
+                s_in = fn(*args(id_d))
+                pairs[n] = {k: (s_in, fn(*args(d))) for k, d in ood_d.items()}
+            except ScoreNotApplicable as err:
+                skipped[n] = str(err)
             bar.update()
-    for n, s in objs.items():
-        if n not in pairs:
+    for n, s in active.items():
+        if n not in pairs and n not in skipped:
             bar.set_postfix_str(f"score {n}")
             pairs[n] = s.evaluate(model, id_loader, ood_loaders)
             bar.update()
@@ -84,6 +148,8 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     raw: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
     for n in objs:
+        if n in skipped:
+            continue
         note = objs[n].result_note()
         results[n], raw[n] = {}, {}
         for set_name, (s_in, s_out) in pairs[n].items():
@@ -92,5 +158,6 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
             results[n][set_name] = ood_metrics(s_in, s_out, convention)
             if note is not None:
                 results[n][set_name]["protocol"] = note
-    info = {n: s.info() for n, s in objs.items()}
-    return {"convention": convention, "results": results, "scores": raw, "info": info}
+    info = {n: dict(s.info(), **({"skipped": skipped[n]} if n in skipped else {})) for n, s in objs.items()}
+    return {"convention": convention, "results": results, "scores": raw, "info": info,
+            "skipped": dict(skipped), "feature_passes": passes.passes}

@@ -69,8 +69,10 @@ def concat_scores(parts: List[Tensor], what: str) -> Tensor:
 
 
 #: What a score needs to run: ``'logits'`` (a function of the logits alone: one shared forward pass
-#: serves every such score) or ``'model'`` (it runs the model itself, e.g. through the input gradient).
-NEEDS = ("logits", "model")
+#: serves every such score), ``'features'`` (penultimate features and logits, see
+#: :mod:`ood.scores.feature_base`: the same shared pass) or ``'model'`` (it runs the model itself,
+#: e.g. through the input gradient).
+NEEDS = ("logits", "features", "model")
 
 
 class OODScore(abc.ABC):

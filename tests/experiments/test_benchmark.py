@@ -121,7 +121,7 @@ def test_set_label():
 @pytest.mark.parametrize("data,match", [
     ({"lossses": ["ce"]}, "lossses"),
     ({"losses": ["ce", "focal"]}, "focal"),
-    ({"scores": ["msp", "react"]}, "react"),
+    ({"scores": ["msp", "no_such_score"]}, "no_such_score"),
     ({"train": {"loss": "ce"}}, "set per cell"),
     ({"train": {"seed": 3}}, "set per cell"),
     ({"seeds": [0, 0]}, "distinct"),
