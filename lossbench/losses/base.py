@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..validation import check_features
-from ._common import check_int
+from ._common import check_int, linear
 
 
 class LogitLoss(nn.Module, metaclass=abc.ABCMeta):
@@ -70,8 +70,9 @@ class LinearLayerHead(Head):
         self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
 
     def logits(self, features: Tensor) -> Tensor:
+        """``fc(features)``; bf16/fp16 features outside autocast compute in float32 (see ``linear``)."""
         self.check_features(features)
-        return self.fc(features)
+        return linear(features, self.fc.weight, self.fc.bias)
 
 
 class LinearHead(LinearLayerHead):
