@@ -31,7 +31,7 @@ def skip_value_checks() -> Iterator[None]:
 def check_not_meta(x: Tensor, name: str) -> None:
     """A tensor on the ``meta`` device has no values to compute with: ``ValueError`` naming it."""
     if x.device.type == "meta":
-        raise ValueError(f"{name} is on the 'meta' device (shape only, no values); expected a real tensor")
+        raise ValueError(f"{name} is on meta (the 'meta' device holds shapes, no values); expected a real tensor")
 
 
 def check_float(x: Tensor, name: str, ndim: Optional[int] = None) -> None:

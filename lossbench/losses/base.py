@@ -6,6 +6,11 @@
 
 Both have ``on_step(step)``: the trainer calls it once per optimisation step (``step`` counts
 from 0) so that schedules a paper anneals (temperatures, noise) also run in a user's own loop.
+
+Conventions every loss and head follows (``tests/test_harness.py`` checks them for each
+registered one): targets may be any integer dtype; bf16/fp16 inputs compute in float32, float64
+stays float64; an empty batch is a ``ValueError`` (never NaN, never a silent 0); NaN/inf inputs,
+wrong shapes, labels out of range and ``meta`` tensors are errors that name the argument.
 """
 
 from __future__ import annotations
