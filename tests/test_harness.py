@@ -38,10 +38,10 @@ def summary(request):
     yield
     line = (f"bad-input harness: {COUNTS['tried']} cases tried, {COUNTS['error']} clear errors, "
             f"{COUNTS['correct']} finite and matching the float64 reference")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print("\n" + line)
     else:
         print(line)
 
