@@ -1,16 +1,26 @@
 """Multi-layer, globally average-pooled features of a timm backbone, for feature-based scores.
 
-Stages come from timm's ``feature_info`` (module name per stage); forward hooks capture each
-stage's output during one forward pass of ``model.features(x)`` (or of a plain timm
-classifier's ``forward_features``), so the penultimate features come from the same pass.
-Each stage output is averaged over its spatial positions (``(N, C, H, W) -> (N, C)``, tokens
-``(N, L, D) -> (N, D)``), as Lee et al. 2018 do ("spatially mean-pooled" layer outputs).
+Stages come from timm's ``feature_info`` (module name and channel count per stage); forward
+hooks capture each stage's output during one forward pass of ``model.features(x)`` (or of a
+plain timm classifier's ``forward_features``), so the penultimate features come from the same
+pass. Each stage output is averaged over its spatial positions, as Lee et al. 2018 do
+("spatially mean-pooled" layer outputs), in the layout the backbone declares:
+
+* ``(N, C, H, W)`` -- timm's default ``NCHW``: mean over (H, W);
+* ``(N, H, W, C)`` -- backbones whose ``output_fmt`` is ``'NHWC'`` (Swin, MambaOut, Hiera,
+  Sequencer, ...): mean over (H, W);
+* ``(N, L, D)`` tokens (ViT-style): mean over the patch tokens, leaving out the backbone's
+  ``num_prefix_tokens`` class/register tokens (the token analogue of the spatial mean; the
+  class token alone is not used).
+
+Every pooled width is checked against the stage's ``feature_info['num_chs']``; a mismatch (an
+undeclared layout) is a ``ValueError``, never features of the wrong axis.
 Gradients flow, so input pre-processing can differentiate through the features.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 from torch import Tensor
@@ -38,6 +48,11 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 def stage_modules(model: nn.Module) -> List[str]:
     """Module names of the backbone's stages, from timm's ``feature_info``."""
+    return [d["module"] for d in stage_info(model)]
+
+
+def stage_info(model: nn.Module) -> List[dict]:
+    """timm's ``feature_info`` dicts of the backbone's stages (``module``, ``num_chs``, ...)."""
     backbone = backbone_of(model)
     info = getattr(backbone, "feature_info", None)
     if info is None:
@@ -45,19 +60,34 @@ def stage_modules(model: nn.Module) -> List[str]:
             f"backbone {type(backbone).__name__} has no timm feature_info; multi-layer features "
             "need a timm model (use layers='penultimate' otherwise)"
         )
-    dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    return [d["module"] for d in dicts]
+    return info.get_dicts() if hasattr(info, "get_dicts") else list(info)
 
 
-def pool(t: Tensor) -> Tensor:
-    """Global average pool of one layer output to ``(N, D)``."""
+def pool(t: Tensor, fmt: str = "NCHW", prefix_tokens: int = 0) -> Tensor:
+    """Global average pool of one layer output to ``(N, D)``.
+
+    2-D: as is; 3-D ``(N, L, D)`` tokens: mean over tokens ``prefix_tokens:`` (all tokens when
+    no patch token is left); 4-D: mean over (H, W) of ``(N, C, H, W)`` (``fmt='NCHW'``) or
+    ``(N, H, W, C)`` (``fmt='NHWC'``).
+    """
+    if fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"fmt must be 'NCHW' or 'NHWC', got {fmt!r}")
     if t.dim() == 2:
         return t
     if t.dim() == 3:  # (N, tokens, D)
-        return t.mean(dim=1)
-    if t.dim() == 4:  # (N, C, H, W)
-        return t.mean(dim=(2, 3))
+        return (t[:, prefix_tokens:] if t.shape[1] > prefix_tokens else t).mean(dim=1)
+    if t.dim() == 4:
+        return t.mean(dim=(1, 2) if fmt == "NHWC" else (2, 3))
     raise ValueError(f"cannot pool a layer output of shape {tuple(t.shape)}; expected 2-D to 4-D")
+
+
+def backbone_layout(model: nn.Module) -> tuple:
+    """``(fmt, prefix_tokens)`` the backbone declares: timm's ``output_fmt`` and ``num_prefix_tokens``."""
+    backbone = backbone_of(model)
+    fmt = str(getattr(backbone, "output_fmt", "NCHW") or "NCHW")
+    fmt = getattr(fmt, "value", fmt)
+    prefix = getattr(backbone, "num_prefix_tokens", 0)
+    return ("NHWC" if "NHWC" in fmt else "NCHW"), int(prefix) if isinstance(prefix, int) else 0
 
 
 def resolve_layers(model: nn.Module, layers: Layers) -> List[Union[int, str]]:
@@ -104,9 +134,12 @@ class FeatureExtractor:
         self.layers = resolve_layers(model, layers)
         stage_idx = [i for i in self.layers if i != PENULTIMATE]
         self._names: Dict[int, str] = {}
+        self._widths: Dict[int, Optional[int]] = {}
+        self._fmt, self._prefix = backbone_layout(model)
         if stage_idx:
-            names = stage_modules(model)
-            self._names = {i: names[i] for i in stage_idx}
+            info = stage_info(model)
+            self._names = {i: info[i]["module"] for i in stage_idx}
+            self._widths = {i: info[i].get("num_chs") for i in stage_idx}
 
     def __call__(self, x: Tensor) -> List[Tensor]:
         captured: Dict[int, Tensor] = {}
@@ -138,8 +171,18 @@ class FeatureExtractor:
             else:
                 if layer not in captured:
                     raise RuntimeError(f"stage {self._names[layer]!r} did not run in the forward pass")
-                out.append(pool(captured[layer]))
+                out.append(self._pool(layer, captured[layer]))
         return out
+
+    def _pool(self, layer: int, t: Tensor) -> Tensor:
+        pooled = pool(t, self._fmt, self._prefix)
+        want = self._widths.get(layer)
+        if want is not None and pooled.shape[1] != want:
+            raise ValueError(
+                f"stage {self._names[layer]!r}: pooled width {pooled.shape[1]} (output shape {tuple(t.shape)}, "
+                f"layout {self._fmt}) differs from the backbone's feature_info num_chs={want}; the backbone's "
+                "output layout is not the one it declares (output_fmt)")
+        return pooled
 
     @property
     def names(self) -> List[str]:

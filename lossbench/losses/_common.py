@@ -1,11 +1,14 @@
-"""Small helpers shared by the losses in this package: reductions and argument checks."""
+"""Small helpers shared by the losses in this package: reductions, argument checks, safe normalisation."""
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ..validation import compute_dtype
 
 REDUCTIONS: Tuple[str, ...] = ("mean", "sum", "none")
 
@@ -49,3 +52,27 @@ def check_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
+
+def safe_normalize(x: Tensor, eps: float) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm; rows with norm ``<= eps`` become 0 with zero gradient.
+
+    ``F.normalize`` divides by ``max(||x||, eps)``, so at an exactly zero row its gradient is
+    ``1/eps`` (1e8 .. 1e12): one dead feature vector would blow up a step. Here such a row is
+    treated as having no direction (cosine 0 to everything) and passes no gradient back.
+    """
+    norm = x.norm(dim=1, keepdim=True)
+    keep = norm > eps
+    return torch.where(keep, x / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(x))
+
+
+def linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear`` under the dtype rule: bf16/fp16 features and float32 weights compute in float32.
+
+    Outside autocast, features and parameters are cast to ``promote(compute_dtype(features),
+    weight.dtype)`` (float64 features give float64 logits); under autocast the call is left to
+    autocast, which picks the GEMM dtype itself.
+    """
+    if torch.is_autocast_enabled(features.device.type):
+        return F.linear(features, weight, bias)
+    dtype = torch.promote_types(compute_dtype(features), weight.dtype)
+    return F.linear(features.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -6,6 +6,11 @@
 
 Both have ``on_step(step)``: the trainer calls it once per optimisation step (``step`` counts
 from 0) so that schedules a paper anneals (temperatures, noise) also run in a user's own loop.
+
+Conventions every loss and head follows (``tests/test_harness.py`` checks them for each
+registered one): targets may be any integer dtype; bf16/fp16 inputs compute in float32, float64
+stays float64; an empty batch is a ``ValueError`` (never NaN, never a silent 0); NaN/inf inputs,
+wrong shapes, labels out of range and ``meta`` tensors are errors that name the argument.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..validation import check_features
-from ._common import check_int
+from ._common import check_int, linear
 
 
 class LogitLoss(nn.Module, metaclass=abc.ABCMeta):
@@ -70,8 +75,9 @@ class LinearLayerHead(Head):
         self.fc = nn.Linear(self.in_features, self.num_classes, bias=bias)
 
     def logits(self, features: Tensor) -> Tensor:
+        """``fc(features)``; bf16/fp16 features outside autocast compute in float32 (see ``linear``)."""
         self.check_features(features)
-        return self.fc(features)
+        return linear(features, self.fc.weight, self.fc.bias)
 
 
 class LinearHead(LinearLayerHead):

@@ -34,6 +34,8 @@ def log_partition_penalty(
     """
     check_reduction(reduction)
     check_float(logits, "logits", ndim=2)
+    if target is not None:
+        target = target.long()
     lse = torch.logsumexp(logits.to(compute_dtype(logits)), dim=1)
     per_sample = lse * lse
     if target is None:
@@ -60,8 +62,11 @@ class CrossEntropyLoss(LogitLoss):
     :func:`log_partition_penalty` (PaLM / ST-MoE, typical coef 1e-4; default 0 = off), averaged
     over the non-ignored samples for ``'mean'``; it is unweighted.
 
-    Shapes: logits ``(N, C)`` float, target ``(N,)`` integer in ``[0, C)`` or ``ignore_index``;
-    weight ``(C,)`` (a tensor or a list, e.g. from a YAML config).
+    Shapes: logits ``(N, C)`` float, target ``(N,)`` integer in ``[0, C)`` or ``ignore_index``
+    (any integer dtype); weight ``(C,)`` (a tensor or a list, e.g. from a YAML config).
+    Computed in float32 for bf16/fp16 logits (float64 stays float64), and returned in that
+    dtype -- never cast back to fp16, whose range (65504) a squared log-partition can exceed.
+    An empty batch is a ``ValueError`` (as in every lossbench loss), not NaN.
     """
 
     def __init__(
@@ -89,16 +94,15 @@ class CrossEntropyLoss(LogitLoss):
         self.log_partition_coef = float(log_partition_coef)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_target(logits, target, ignore_index=self.ignore_index)
+        target = check_logits_target(logits, target, ignore_index=self.ignore_index)
         check_class_weight(self.weight, logits.shape[1])
-        weight = self.weight
-        if weight is not None and logits.dtype == torch.float64:
-            weight = weight.to(torch.float64)
+        work = compute_dtype(logits)
+        weight = None if self.weight is None else self.weight.to(work)
         loss = F.cross_entropy(
-            logits, target, weight=weight, ignore_index=self.ignore_index,
+            logits.to(work), target, weight=weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
         )
         if self.log_partition_coef > 0:
             penalty = log_partition_penalty(logits, target, self.ignore_index, self.reduction)
-            loss = loss + self.log_partition_coef * penalty.to(loss.dtype)
+            loss = loss + self.log_partition_coef * penalty
         return loss

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..validation import check_finite, check_float, check_positive
+from ..validation import check_finite, check_float, check_number, check_positive, compute_dtype
 
 
 class EnergyMarginLoss(nn.Module):
@@ -23,12 +23,16 @@ class EnergyMarginLoss(nn.Module):
     margins, and ``train.py``'s own argparse defaults are -25 / -7; we use the run script's.
 
     Not a classification loss (not in the loss registry). ``logits_in`` ``(N_in, C)``,
-    ``logits_out`` ``(N_out, C)`` -> scalar.
+    ``logits_out`` ``(N_out, C)`` -> scalar, computed and returned in float32 (float64 if either
+    input is float64); never cast back to fp16, whose range the squared margins easily exceed.
+    Empty inputs are a ``ValueError``.
     """
 
     def __init__(self, m_in: float = -23.0, m_out: float = -5.0, weight: float = 0.1):
         super().__init__()
         check_positive(float(weight), "weight", allow_zero=True)
+        check_number(m_in, "m_in")
+        check_number(m_out, "m_out")
         if float(m_in) > float(m_out):
             raise ValueError(f"m_in ({m_in}) must be <= m_out ({m_out}): ID energies sit below outliers'")
         self.m_in = float(m_in)
@@ -53,10 +57,11 @@ class EnergyMarginLoss(nn.Module):
             raise ValueError(
                 f"logits_in and logits_out must have the same number of classes, got "
                 f"{logits_in.shape[1]} and {logits_out.shape[1]}")
-        e_in = self.energy(logits_in.float())
-        e_out = self.energy(logits_out.float())
+        work = torch.promote_types(compute_dtype(logits_in), compute_dtype(logits_out))
+        e_in = self.energy(logits_in.to(work))
+        e_out = self.energy(logits_out.to(work))
         loss = F.relu(e_in - self.m_in).pow(2).mean() + F.relu(self.m_out - e_out).pow(2).mean()
-        return (self.weight * loss).to(logits_in.dtype)
+        return self.weight * loss
 
     def extra_repr(self) -> str:
         return f"m_in={self.m_in}, m_out={self.m_out}, weight={self.weight}"

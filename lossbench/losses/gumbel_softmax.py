@@ -129,7 +129,8 @@ class GumbelSoftmaxLoss(LogitLoss):
 
     In eval mode the noise is left out (g = 0), so the loss is deterministic. tau follows
     :class:`GumbelTemperatureSchedule` and is advanced by ``on_step(step)``; ``anneal=False``
-    keeps ``tau`` fixed. Noise comes from torch's global RNG, or from ``generator`` if given.
+    keeps ``tau`` fixed. With ``anneal=True`` a ``tau`` below ``tau_min`` is a ``ValueError`` (the
+    schedule's floor would silently override it at step 0). Noise comes from torch's global RNG, or from ``generator`` if given.
     The paper has no supervised classification loss; this one is ours, built from its sampler.
 
     Shapes: logits ``(N, C)``, target ``(N,)`` -> scalar, or ``(N,)`` with ``'none'``.
@@ -147,7 +148,13 @@ class GumbelSoftmaxLoss(LogitLoss):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
-        self.schedule = GumbelTemperatureSchedule(tau, anneal_rate, anneal_every, tau_min)
+        check_positive(float(tau), "tau")
+        check_positive(float(tau_min), "tau_min")
+        if anneal and float(tau) < float(tau_min):
+            raise ValueError(
+                f"tau ({tau}) is below tau_min ({tau_min}): the annealing schedule max(tau_min, ...) would "
+                "raise it to tau_min at the first step; pass tau_min <= tau, or anneal=False to keep tau fixed")
+        self.schedule = GumbelTemperatureSchedule(tau, anneal_rate, anneal_every, min(float(tau_min), float(tau)))
         self.tau = float(tau)
         self.anneal = bool(anneal)
         self.hard = bool(hard)
@@ -160,7 +167,7 @@ class GumbelSoftmaxLoss(LogitLoss):
             self.tau = self.schedule(step)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_target(logits, target)
+        target = check_logits_target(logits, target)
         work = compute_dtype(logits)
         x = logits.to(work)
         if self.training:

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_positive, check_target, compute_dtype
 from .base import LinearLayerHead
+from ._common import linear, safe_normalize
 
 __all__ = ["NBCSoftmaxHead", "batch_class_sums", "nbc_loss", "nbc_loss_from_centres"]
 
@@ -21,6 +22,7 @@ def batch_class_sums(embeddings: Tensor, target: Tensor, num_classes: int) -> Tu
     """Per-class sums ``(K, D)`` and counts ``(K,)`` of the batch embeddings (float32 or float64)."""
     dtype = compute_dtype(embeddings)
     z = embeddings.to(dtype)
+    target = target.long()
     sums = z.new_zeros(num_classes, z.shape[1]).index_add(0, target, z)
     counts = torch.bincount(target, minlength=num_classes).to(dtype)
     return sums, counts
@@ -31,14 +33,15 @@ def nbc_loss_from_centres(centres: Tensor, num_classes: int, tau: float = 0.2, e
 
     S_kl = cos(mu_k, mu_l) with the diagonal set to 0 (as in the official code, so each row's sum
     includes exp(0) = 1 for l = k); tau *multiplies* S; K = ``num_classes``. Norms are clamped at
-    ``eps`` (the official code has no guard), so a zero centre has similarity 0 to every other.
-    One class present gives log(1) / K = 0.
+    ``eps`` (the official code has no guard): a centre of norm <= ``eps`` has similarity 0 to
+    every other *and passes no gradient* (``safe_normalize``), instead of F.normalize's 1/eps
+    blow-up at an exactly zero centre. One class present gives log(1) / K = 0.
     """
     m = centres.shape[0]
     if m == 0:
         return centres.new_zeros(())
     with torch.autocast(centres.device.type, enabled=False):  # cosines in the centres' dtype
-        unit = F.normalize(centres, dim=1, eps=eps)
+        unit = safe_normalize(centres, eps)
         sim = unit @ unit.t()
         sim = sim * (1.0 - torch.eye(m, dtype=sim.dtype, device=sim.device))
         # The official code takes log(sum exp(.) + 1e-10); the sum is >= 1, so that eps is moot.
@@ -127,8 +130,8 @@ class NBCSoftmaxHead(LinearLayerHead):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")
-        check_target(target, self.num_classes, features.shape[0])
-        logits = self.fc(features)
+        target = check_target(target, self.num_classes, features.shape[0])
+        logits = linear(features, self.fc.weight, self.fc.bias)
         logits = logits.to(compute_dtype(logits))
         ce = F.cross_entropy(logits, target)
         nbc = nbc_loss(features, target, self.num_classes, self.tau, self.eps, self.gather_distributed)

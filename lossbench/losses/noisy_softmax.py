@@ -13,7 +13,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_positive, check_target, compute_dtype
 from .base import Head
-from ._common import check_reduction
+from ._common import check_reduction, linear
 
 __all__ = ["NoisySoftmaxHead", "noisy_target_logits"]
 
@@ -38,7 +38,8 @@ def noisy_target_logits(
     xi ~ N(0, sigma^2), one per example) -> logits ``(N, C)`` in float32 (or float64).
     """
     dtype = compute_dtype(features)
-    logits = F.linear(features, weight).to(dtype)
+    target = target.long()
+    logits = linear(features, weight).to(dtype)
     x = features.to(dtype)
     w_y = weight.to(dtype).index_select(0, target)
     # ||W_y|| ||x|| (1 - cos theta_y) = ||W_y|| ||x|| - <W_y, x>, both in float32.
@@ -89,7 +90,7 @@ class NoisySoftmaxHead(Head):
 
     def logits(self, features: Tensor) -> Tensor:
         self.check_features(features)
-        return F.linear(features, self.weight)
+        return linear(features, self.weight)
 
     def draw_noise(self, n: int, device: torch.device) -> Tensor:
         """xi ~ N(0, sigma^2), shape ``(n,)``, float32, from ``generator`` or the global RNG."""
@@ -99,7 +100,7 @@ class NoisySoftmaxHead(Head):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")
-        check_target(target, self.num_classes, features.shape[0])
+        target = check_target(target, self.num_classes, features.shape[0])
         if not self.training or self.alpha == 0.0:
             logits = self.logits(features)
             logits = logits.to(compute_dtype(logits))

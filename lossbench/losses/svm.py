@@ -11,7 +11,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_logits_target, check_positive, check_target, compute_dtype
 from .base import LinearLayerHead, LogitLoss
-from ._common import check_class_weight, check_reduction, reduce_loss
+from ._common import check_class_weight, check_reduction, linear, reduce_loss
 
 __all__ = [
     "CrammerSingerLoss", "L1SVMHead", "L2SVMHead", "WestonWatkinsLoss",
@@ -33,6 +33,7 @@ def one_vs_rest_hinge(scores: Tensor, target: Tensor, p: int = 1, margin: float 
     Shapes: scores ``(N, C)``, target ``(N,)`` -> ``(N, C)``.
     """
     s = scores.to(compute_dtype(scores))
+    target = target.long()
     t = torch.full_like(s, -1.0).scatter_(1, target.unsqueeze(1), 1.0)
     h = F.relu(margin - t * s)
     return h * h if p == 2 else h
@@ -70,8 +71,9 @@ class _OneVsRestSVMHead(LinearLayerHead):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")
-        check_target(target, self.num_classes, features.shape[0])
-        hinge = one_vs_rest_hinge(self.fc(features), target, self.p, self.margin)
+        target = check_target(target, self.num_classes, features.shape[0])
+        scores = linear(features, self.fc.weight, self.fc.bias)
+        hinge = one_vs_rest_hinge(scores, target, self.p, self.margin)
         data = hinge.mean() if self.reduction == "mean" else hinge.sum()
         w = self.fc.weight.to(data.dtype)
         return self.weight_penalty * (w * w).mean() + self.C * data
@@ -117,7 +119,7 @@ def weston_watkins_loss(
     """
     check_reduction(reduction)
     _check_power(p)
-    check_logits_target(logits, target)
+    target = check_logits_target(logits, target)
     s = logits.to(compute_dtype(logits))
     s_y = s.gather(1, target.unsqueeze(1))
     h = F.relu(margin - s_y + s).scatter(1, target.unsqueeze(1), 0.0)
@@ -139,7 +141,7 @@ def crammer_singer_loss(
     """
     check_reduction(reduction)
     _check_power(p)
-    check_logits_target(logits, target)
+    target = check_logits_target(logits, target)
     if logits.shape[1] < 2:
         raise ValueError(f"logits must have at least 2 classes, got shape {tuple(logits.shape)}")
     s = logits.to(compute_dtype(logits))

@@ -10,8 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_features, check_positive, check_target, compute_dtype
+from ..validation import check_features, check_number, check_positive, check_target, compute_dtype
 from .base import Head
+from ._common import safe_normalize
+
+#: Rows of norm <= this are treated as direction-less: cos theta = 0 and zero gradient.
+_NORM_EPS = 1e-12
 
 __all__ = ["WCDASHead", "wrapped_cauchy_logits"]
 
@@ -28,14 +32,16 @@ def wrapped_cauchy_logits(
     cancellation-free form s (1-rho)(1+rho) / (2 pi ((1-rho)^2 + 2 rho (1 - cos theta))),
     where 1 - rho = sigmoid(-g) is clamped to >= ``rho_eps`` (rho < 1 always; in low precision
     rho rounds to 1 and the official form gives 0/0) and 1 - cos theta is clamped to >= 0.
-    The official code writes 3.14 for pi (a 0.05 % rescale of s); we use pi.
+    The official code writes 3.14 for pi (a 0.05 % rescale of s); we use pi. A feature (or
+    weight) row of norm <= 1e-12 -- e.g. an all-zero ReLU output -- has cos theta = 0 to every
+    class and passes zero gradient (``safe_normalize``), where F.normalize would give ~1e12.
 
     Shapes: features ``(N, D)``, weight ``(C, D)``, g ``(C,)``, scale scalar -> ``(N, C)``.
     """
     dtype = compute_dtype(features)
     with torch.autocast(features.device.type, enabled=False):
-        x = F.normalize(features.to(dtype), dim=1)
-        w = F.normalize(weight.to(dtype), dim=1)
+        x = safe_normalize(features.to(dtype), _NORM_EPS)
+        w = safe_normalize(weight.to(dtype), _NORM_EPS)
         one_minus_cos = (1.0 - x @ w.t()).clamp_min(0.0)
         g = g.to(dtype)
         one_minus_rho = torch.sigmoid(-g).clamp_min(rho_eps)
@@ -76,6 +82,7 @@ class WCDASHead(Head):
     ) -> None:
         super().__init__(in_features, num_classes)
         check_positive(float(s), "s")
+        check_number(g_init, "g_init")
         check_positive(float(rho_eps), "rho_eps")
         if not float(rho_eps) < 1.0:
             raise ValueError(f"rho_eps must be < 1, got {rho_eps}")
@@ -105,7 +112,7 @@ class WCDASHead(Head):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")
-        check_target(target, self.num_classes, features.shape[0])
+        target = check_target(target, self.num_classes, features.shape[0])
         return F.cross_entropy(self.logits(features), target)
 
     def extra_repr(self) -> str:

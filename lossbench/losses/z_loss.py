@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_loss
-from ..validation import check_float, check_logits_target, check_positive, compute_dtype
+from ..validation import check_float, check_logits_target, check_number, check_positive, compute_dtype
 from .base import LogitLoss
 from ._common import check_reduction, reduce_loss
 
@@ -33,6 +35,15 @@ def z_normalize(logits: Tensor, eps: float = 1e-12) -> Tensor:
     return torch.where(sigma > eps, centred / sigma, torch.zeros_like(centred))
 
 
+def _check_z_classes(c: int, name: str) -> None:
+    """The Z-loss needs C >= 3: with two classes z = +-1 always, so its gradient is identically 0."""
+    if c < 3:
+        why = ("the z-scores of two logits are always +-1, so the loss is constant and its gradient "
+               "identically zero" if c == 2 else "it needs several logits to normalise")
+        raise ValueError(f"{name}: the Z-loss needs at least 3 classes, got {c} ({c} classes: {why}); "
+                         "use cross-entropy for binary problems")
+
+
 def z_loss(
     logits: Tensor, target: Tensor, a: float = 1.0, b: float = 0.0,
     eps: float = 1e-12, reduction: str = "mean",
@@ -44,15 +55,16 @@ def z_loss(
     for ``alpha > 0``. Defaults a = 1, b = 0 are those of the authors' released example
     (``softplus((mu - o_c) / sigma)``); the paper tunes both per task.
 
-    Shapes: logits ``(N, C)`` with ``C >= 2``, target ``(N,)`` -> scalar, or ``(N,)`` with ``'none'``.
+    ``C = 2`` is refused (``ValueError``): z-normalised pairs are always (+1, -1), so the loss is
+    constant and its gradient identically zero -- training would silently do nothing.
+    Shapes: logits ``(N, C)`` with ``C >= 3``, target ``(N,)`` -> scalar, or ``(N,)`` with ``'none'``.
     """
     check_reduction(reduction)
     check_positive(float(a), "a")
-    check_logits_target(logits, target)
-    if logits.shape[1] < 2:
-        raise ValueError(f"logits must have at least 2 classes for the Z-loss, got shape {tuple(logits.shape)}")
+    target = check_logits_target(logits, target)
+    _check_z_classes(logits.shape[1], "logits")
     z = z_normalize(logits, eps)
-    z_target = z.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    z_target = z.gather(1, target.unsqueeze(1)).squeeze(1)
     per_sample = F.softplus(a * (b - z_target)) / a
     return reduce_loss(per_sample, reduction)
 
@@ -64,13 +76,19 @@ class ZLoss(LogitLoss):
     loss_i = (1/a) * softplus(a * (b - z_{i,y_i})),  z_i = (o_i - mean(o_i)) / std(o_i)
 
     Defaults ``a=1, b=0`` follow the authors' released example; ``eps`` guards std -> 0.
+    ``num_classes`` (optional; the registry passes it) is checked at construction: C <= 2 is
+    refused, as in :func:`z_loss`.
     Not the log-partition penalty of PaLM/ST-MoE (see ``CrossEntropyLoss(log_partition_coef=)``).
     Shapes: logits ``(N, C)``, target ``(N,)``.
     """
 
-    def __init__(self, a: float = 1.0, b: float = 0.0, eps: float = 1e-12, reduction: str = "mean") -> None:
+    def __init__(self, a: float = 1.0, b: float = 0.0, eps: float = 1e-12, reduction: str = "mean",
+                 num_classes: Optional[int] = None) -> None:
         super().__init__()
+        if num_classes is not None:
+            _check_z_classes(int(num_classes), "num_classes")
         check_positive(float(a), "a")
+        check_number(b, "b")
         check_positive(float(eps), "eps")
         self.a, self.b, self.eps = float(a), float(b), float(eps)
         self.reduction = check_reduction(reduction)

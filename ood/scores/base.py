@@ -13,6 +13,7 @@ Loaders yield ``(x, y)`` batches. The model protocol (duck-typed): ``model(x) ->
 from __future__ import annotations
 
 import abc
+import math
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lossbench.validation import check_finite, check_float
+from lossbench.validation import check_finite, check_float, check_not_meta
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -42,13 +43,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def batches(loader: Iterable, device: torch.device) -> Iterator[Tuple[Tensor, Any]]:
-    """``(x, y)`` from each batch of ``loader`` with ``x`` on ``device``; clear error otherwise."""
+    """``(x, y)`` from each batch of ``loader`` with ``x`` on ``device``; clear error otherwise.
+
+    A ``meta`` or non-finite (NaN/inf) ``x`` is a ``ValueError`` naming the batch, rather than
+    an error about the logits or features it would produce.
+    """
     for i, batch in enumerate(loader):
         if not isinstance(batch, (tuple, list)) or len(batch) < 1:
             raise TypeError(f"loader must yield (x, y) batches; batch {i} is {type(batch).__name__}")
         x = batch[0]
         if not isinstance(x, Tensor):
             raise TypeError(f"loader batch {i}: x must be a torch.Tensor, got {type(x).__name__}")
+        check_not_meta(x, f"loader batch {i}: x")
+        if x.is_floating_point():
+            check_finite(x, f"loader batch {i}: x")
         y = batch[1] if len(batch) > 1 else None
         yield x.to(device), y
 
@@ -174,7 +182,8 @@ def input_step(x: Tensor, direction: Tensor, eps: float, input_std=None) -> Tens
 
 
 def check_input_std(input_std) -> None:
+    """``input_std`` is ``None`` or a non-empty sequence of finite floats > 0 (NaN and inf refused)."""
     if input_std is not None:
         vals = [float(v) for v in input_std]
-        if not vals or min(vals) <= 0:
-            raise ValueError(f"input_std must be a non-empty sequence of positive floats, got {input_std!r}")
+        if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+            raise ValueError(f"input_std must be a non-empty sequence of finite floats > 0, got {input_std!r}")

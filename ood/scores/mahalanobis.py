@@ -33,6 +33,7 @@ Distances for all classes come from one batched computation in float64,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,7 +47,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
-from lossbench.validation import check_features, check_finite, check_float, check_target
+from lossbench.validation import check_features, check_finite, check_float, check_positive, check_target
 
 from ..features import FeatureExtractor, Layers, backbone_of
 from ..metrics import ood_metrics
@@ -81,6 +82,8 @@ def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[i
     (``'empirical'``: ``EmpiricalCovariance``, pseudo-inverse precision, the official choice;
     ``'ledoit_wolf'``: ``LedoitWolf`` shrinkage; ``'auto'``: Ledoit-Wolf when N < 10 D, where
     the empirical estimate is poor -- singular for N <= D). Returns ``(means, precision, used)``.
+    Zero within-class scatter (all centred features 0 up to 1e-12 of the largest feature, so
+    precision 0 and a constant score) is a ``ValueError`` naming the cause.
     """
     check_float(features, "features", ndim=2)
     check_finite(features, "features")
@@ -106,7 +109,14 @@ def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[i
         raise ValueError(f"classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no samples; "
                          "every class in [0, num_classes) needs at least one")
     means = torch.zeros(num_classes, d, dtype=torch.float64).index_add_(0, y, f) / counts[:, None]
-    centred = (f - means[y]).numpy()
+    centred_t = f - means[y]
+    scale = float(f.abs().max())
+    if float(centred_t.abs().max()) <= 1e-12 * max(scale, 1e-300):
+        raise ValueError(
+            "features have zero within-class scatter (every sample equals its class mean, e.g. a "
+            "collapsed or constant layer): the tied covariance is 0, its precision 0, and every input "
+            "would get the same score; use another layer or check the model's features")
+    centred = centred_t.numpy()
     used = covariance
     if covariance == "auto":
         used = "ledoit_wolf" if n < AUTO_SAMPLES_PER_DIM * d else "empirical"
@@ -172,13 +182,13 @@ class Mahalanobis(OODScore):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if not (eps == "auto" or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0)):
-            raise ValueError(f"eps must be 'auto' or a float >= 0, got {eps!r}")
+        if not (eps == "auto" or (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                                  and math.isfinite(eps) and eps >= 0)):
+            raise ValueError(f"eps must be 'auto' or a finite float >= 0, got {eps!r}")
         grid = tuple(float(e) for e in eps_grid)
-        if not grid or min(grid) < 0:
-            raise ValueError(f"eps_grid must be a non-empty sequence of floats >= 0, got {eps_grid!r}")
-        if fgsm_eps <= 0:
-            raise ValueError(f"fgsm_eps must be > 0, got {fgsm_eps}")
+        if not grid or not all(math.isfinite(e) and e >= 0 for e in grid):
+            raise ValueError(f"eps_grid must be a non-empty sequence of finite floats >= 0, got {eps_grid!r}")
+        check_positive(fgsm_eps, "fgsm_eps")
         if int(paper_fit_size) < 4:
             raise ValueError(f"paper_fit_size must be >= 4, got {paper_fit_size}")
         check_input_std(input_std)
@@ -311,12 +321,18 @@ class Mahalanobis(OODScore):
         """``{eps: (N, L)}`` per-layer scores of pre-processed inputs, for each eps at once.
 
         Each layer gets its own gradient step (official code); the gradient is computed once per
-        batch and reused for every eps.
+        batch and reused for every eps. ``model`` must be the very object given to ``fit`` (the
+        Gaussians are of its features): another model is a ``ValueError``, never a silent score of
+        the fitted one.
         """
         self._check_fitted()
         extractor = getattr(self, "extractor_", None)
         if extractor is None:
             raise NotFittedError("fit(model, loader) first: the model-level score needs its layers")
+        if model is not extractor.model:
+            raise ValueError(
+                f"model ({type(model).__name__}) is not the model this Mahalanobis score was fitted on: its "
+                "class Gaussians describe that model's features; call fit(model, loader) with this model first")
         eps_list = [float(e) for e in eps_list]
         out: Dict[float, List[Tensor]] = {e: [] for e in eps_list}
         n_layers = len(self.means_)

@@ -63,5 +63,5 @@ def test_registry_and_bad_args():
     assert isinstance(loss, ZLoss) and loss.a == 2.0 and loss.b == 1.0
     with pytest.raises(ValueError, match="a must be"):
         ZLoss(a=0.0)
-    with pytest.raises(ValueError, match="at least 2 classes"):
+    with pytest.raises(ValueError, match="at least 3 classes"):
         z_loss(torch.zeros(2, 1), torch.tensor([0, 0]))
