@@ -18,6 +18,7 @@ from lossbench.framework.cli import list_type, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lossbench.experiments.evaluate_run import DEFAULT_SCORES
     from ood import CONVENTIONS, list_scores
 
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OOD sets: heldout, gaussian, uniform, a data set name or imagefolder:<path> "
                         "(default: heldout if the data has held-out classes, gaussian, uniform)")
     p.add_argument("--scores", type=list_type(str, "--scores"), default=None,
-                   help=f"OOD scores (default: all of {list_scores()})")
+                   help=f"OOD scores, or 'all' (default: {','.join(DEFAULT_SCORES)}; all: {','.join(list_scores())})")
     p.add_argument("--score-args", type=json.loads, default=None,
                    help='JSON {score: {arg: value}}, e.g. \'{"energy": {"temperature": 1}}\'')
     p.add_argument("--convention", default="paper", choices=list(CONVENTIONS))

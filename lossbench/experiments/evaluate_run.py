@@ -23,8 +23,19 @@ from .embedding import embedding_quality, predict_with_features
 from .report import markdown_table, plot_histograms, plot_roc
 
 DEFAULT_SYNTHETIC = ("gaussian", "uniform")
+#: Scores evaluated when none are named: the classic five (``'all'`` asks for every registered score).
+DEFAULT_SCORES = ("energy", "mahalanobis", "maxlogit", "msp", "odin")
 #: Scores whose input pre-processing step is in pixel units (divided by the normalisation std).
 PIXEL_STEP_SCORES = ("odin", "mahalanobis")
+
+
+def resolve_scores(scores: Optional[Sequence[str]]) -> list:
+    """``scores`` as a list: :data:`DEFAULT_SCORES` when empty, every registered score for ``['all']``."""
+    if not scores:
+        return list(DEFAULT_SCORES)
+    if list(scores) == ["all"]:
+        return list_scores()
+    return list(scores)
 
 
 def default_ood_sets(has_heldout: bool) -> list:
@@ -43,7 +54,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequ
     OOD sets are drawn with ``seed`` (noise, subsets of large sets); ``embedding_distance``
     ('cosine' or 'euclidean') adds P@1 / MAP@R of the test features under ``'embedding'``.
     """
-    scores = list(scores) if scores else list_scores()
+    scores = resolve_scores(scores)
     ood_sets = list(ood_sets) if ood_sets else default_ood_sets("heldout" in bundle.ood)
     dev = next(model.parameters()).device
     test_loader = make_loader(bundle.test, batch_size)
