@@ -8,7 +8,7 @@ import torch
 from ood.calibration import TemperatureScaling, expected_calibration_error, fit_temperature, negative_log_likelihood
 
 
-def _synthetic(t_true, n=20000, c=8, seed=0):
+def _synthetic(t_true, n=10000, c=8, seed=0):
     """Labels drawn from softmax(z / t_true): the NLL-optimal temperature of z is t_true (as n grows)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
@@ -26,12 +26,12 @@ def test_recovers_known_temperature(t_true):
 
 
 def test_matches_brute_force_grid_and_is_a_stationary_point():
-    z, y = _synthetic(3.0, n=3000, seed=1)
+    z, y = _synthetic(3.0, n=1000, seed=1)
     t = fit_temperature(z, y)
-    grid = torch.exp(torch.linspace(math.log(0.5), math.log(20), 4001, dtype=torch.float64))
+    grid = torch.exp(torch.linspace(math.log(0.5), math.log(20), 801, dtype=torch.float64))
     nll = torch.stack([torch.nn.functional.cross_entropy(z / g, y) for g in grid])
     t_grid = float(grid[nll.argmin()])
-    assert abs(t - t_grid) / t_grid < 2e-3
+    assert abs(t - t_grid) / t_grid < 5e-3  # grid step 0.46 %
     # d NLL / dT = 0 at the optimum (central difference, float64)
     h = 1e-4 * t
     d = (negative_log_likelihood(z / (t + h), y) - negative_log_likelihood(z / (t - h), y)) / (2 * h)
