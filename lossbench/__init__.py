@@ -3,6 +3,8 @@
 from .registry import build_head, create_loss, list_losses, register_loss
 from .losses import Head, LinearHead, LogitLoss
 from .losses.energy_margin import EnergyMarginLoss  # auxiliary OOD term, not registered
+from .losses.outlier_exposure import OutlierExposureLoss  # auxiliary OOD term, not registered
+from .losses import FocalLoss, LogitNormLoss
 from .losses import (  # the loss zoo
     CrammerSingerLoss, CrossEntropyLoss, GumbelSoftmaxLoss, GumbelTemperatureSchedule, L1SVMHead,
     L2SVMHead, NBCSoftmaxHead, NoisySoftmaxHead, WCDASHead, WestonWatkinsLoss, ZLoss,
@@ -14,7 +16,7 @@ from .cce import (  # cut cross-entropy; importing it registers the 'cce' head
 
 __all__ = [
     "build_head", "create_loss", "list_losses", "register_loss",
-    "Head", "LinearHead", "LogitLoss", "EnergyMarginLoss",
+    "Head", "LinearHead", "LogitLoss", "EnergyMarginLoss", "OutlierExposureLoss", "FocalLoss", "LogitNormLoss",
     "CrammerSingerLoss", "CrossEntropyLoss", "GumbelSoftmaxLoss", "GumbelTemperatureSchedule",
     "L1SVMHead", "L2SVMHead", "NBCSoftmaxHead", "NoisySoftmaxHead", "WCDASHead", "WestonWatkinsLoss",
     "ZLoss", "gumbel_softmax", "log_partition_penalty", "z_loss",

@@ -11,7 +11,11 @@ from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, list_scores, register_score
-from .calibration import expected_calibration_error
+from .calibration import (
+    TemperatureScaling, adaptive_calibration_error, brier_score, calibration_metrics, classwise_calibration_error,
+    expected_calibration_error, fit_temperature, maximum_calibration_error, negative_log_likelihood,
+    reliability_bins,
+)
 from .scores import (
     MAHALANOBIS_EPS_GRID, ODIN_EPS_GRID, ODIN_TEMPERATURES, MSP, ODIN, Energy, LogitScore,
     Mahalanobis, MaxLogit, OODScore, fit_class_gaussian, mahalanobis_distances,
@@ -23,7 +27,9 @@ from .scores import (
 __all__ = [
     "evaluate_ood", "ood_metrics", "CONVENTIONS", "FeatureCache",
     "create_score", "list_scores", "register_score",
-    "expected_calibration_error",
+    "expected_calibration_error", "adaptive_calibration_error", "classwise_calibration_error",
+    "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",
+    "reliability_bins", "TemperatureScaling", "fit_temperature",
     "FeatureExtractor", "penultimate_features",
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
     "fit_class_gaussian", "mahalanobis_distances",

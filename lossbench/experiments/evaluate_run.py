@@ -3,8 +3,11 @@
 :func:`evaluate_model` takes a model and its data (so a caller that already holds them, like the
 benchmark, builds nothing twice): top-1 accuracy and ECE (15 bins) on the test split, optionally
 the embedding quality of the penultimate test features, and every requested OOD score on every
-requested OOD set through :func:`ood.evaluate_ood`. :func:`evaluate_checkpoint` rebuilds a saved
-run first; :func:`write_report` writes ``metrics.json``, ``results.md``, ``roc.png`` and ``hist.png``.
+requested OOD set through :func:`ood.evaluate_ood`, and the calibration block (:func:`calibration_block`:
+every metric of :mod:`ood.calibration` on the test split before and after temperature scaling
+fitted on the validation split). :func:`evaluate_checkpoint` rebuilds a saved run first;
+:func:`write_report` writes ``metrics.json``, ``results.md``, ``roc.png``, ``hist.png`` and
+``reliability.png``.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-from ood import evaluate_ood, list_scores
+import torch
 
-from ..framework.builders import classification_metrics, load_run, make_loader
+from ood import evaluate_ood, list_scores
+from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
+
+from ..framework.builders import classification_metrics, load_run, make_loader, predict
 from ..framework.data import DataBundle, get_ood_dataset
 from ..framework.io import atomic_write_json, atomic_write_text
 from .embedding import embedding_quality, predict_with_features
-from .report import markdown_table, plot_histograms, plot_roc
+from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc
 
 DEFAULT_SYNTHETIC = ("gaussian", "uniform")
 #: Scores evaluated when none are named: the classic five (``'all'`` asks for every registered score).
@@ -43,6 +49,25 @@ def default_ood_sets(has_heldout: bool) -> list:
     return (["heldout"] if has_heldout else []) + list(DEFAULT_SYNTHETIC)
 
 
+def calibration_block(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: torch.Tensor,
+                      val_labels: torch.Tensor, n_bins: int = 15) -> Dict[str, Any]:
+    """Calibration of the test logits before and after temperature scaling fitted on the validation logits.
+
+    ``{'n_bins', 'temperature', 'temperature_at_bound', 'fit_split': 'val', 'n_fit', 'val_nll_before',
+    'val_nll_after', 'before': {...}, 'after': {...}, 'reliability': {'before': bins, 'after': bins}}``,
+    the metric dicts being :func:`ood.calibration.calibration_metrics`.
+    """
+    ts = TemperatureScaling().fit(val_logits, val_labels)
+    scaled = ts.transform(test_logits.double())
+    return {"n_bins": n_bins, "temperature": ts.temperature, "temperature_at_bound": ts.at_bound,
+            "fit_split": "val", "n_fit": int(val_labels.numel()), "val_nll_before": ts.nll_before,
+            "val_nll_after": ts.nll_after,
+            "before": calibration_metrics(test_logits, test_labels, n_bins),
+            "after": calibration_metrics(scaled, test_labels, n_bins),
+            "reliability": {"before": reliability_bins(test_logits, test_labels, n_bins),
+                            "after": reliability_bins(scaled, test_labels, n_bins)}}
+
+
 def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequence[str]] = None,
                    scores: Optional[Sequence[str]] = None,
                    score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
@@ -60,6 +85,8 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequ
     test_loader = make_loader(bundle.test, batch_size)
     logits, feats, labels = predict_with_features(model, test_loader, dev)
     test = dict(classification_metrics(logits, labels), n=int(labels.numel()))
+    val_logits, val_labels = predict(model, make_loader(bundle.val, batch_size), dev)
+    calibration = calibration_block(logits, labels, val_logits, val_labels)
     ood_loaders = {}
     for name in ood_sets:
         ds = get_ood_dataset(name, bundle, root=data_root, n_noise=n_noise, seed=seed, max_samples=max_ood_samples)
@@ -74,7 +101,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequ
                        score_kwargs=score_kwargs, convention=convention,
                        val_loader=make_loader(bundle.val, batch_size), progress=progress)
     result: Dict[str, Any] = {"test": test, "ood_sets": {k: len(v.dataset) for k, v in ood_loaders.items()},
-                              "ood": ood}
+                              "ood": ood, "calibration": calibration}
     if embedding_distance is not None:
         result["embedding"] = dict(embedding_quality(feats, labels, embedding_distance),
                                    distance=embedding_distance, n=int(labels.numel()), dim=int(feats.shape[1]))
@@ -103,11 +130,15 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     head = (f"Classification on the test split ({t['n']} images): top-1 accuracy {100 * t['acc']:.2f} %, "
             f"ECE (15 bins) {100 * t['ece']:.2f} %, NLL {t['loss']:.4f}.\n\n"
             f"OOD sets: " + ", ".join(f"{k} ({n})" for k, n in result["ood_sets"].items()) + ".\n\n")
-    return head + markdown_table(result["ood"])
+    text = head + markdown_table(result["ood"])
+    if "calibration" in result:
+        text += "\n" + calibration_markdown(result["calibration"])
+    return text
 
 
 def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) -> str:
-    """Write ``metrics.json`` (without raw scores), ``results.md`` and (``plots``) ``roc.png``, ``hist.png``.
+    """Write ``metrics.json`` (without raw scores), ``results.md`` and (``plots``) ``roc.png``, ``hist.png``,
+    ``reliability.png``.
 
     Every file is written atomically. Returns the Markdown text.
     """
@@ -120,4 +151,6 @@ def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) ->
     if plots:
         plot_roc(ood, os.path.join(out_dir, "roc.png"))
         plot_histograms(ood, os.path.join(out_dir, "hist.png"))
+        if "calibration" in result:
+            plot_reliability(result["calibration"], os.path.join(out_dir, "reliability.png"))
     return text

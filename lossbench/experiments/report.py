@@ -1,4 +1,5 @@
-"""Reports of an OOD evaluation: a Markdown table, ROC curves and score histograms (matplotlib, Agg).
+"""Reports of an evaluation: OOD tables, ROC curves, score histograms, the calibration table and the
+reliability diagram (matplotlib, Agg).
 
 Raw scores have one shape everywhere: ``{score: {ood_set: {'id': array, 'ood': array}}}`` (the
 ``'scores'`` entry of :func:`ood.evaluate_ood`). Figures are written atomically.
@@ -143,5 +144,59 @@ def plot_histograms(scores: Mapping[str, Any], path: str, bins: int = 50) -> Non
         ax.set_xlabel("score")
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
+CALIBRATION_ROWS = (("acc", "top-1 accuracy (%)", 100), ("ece", "ECE, equal-width (%)", 100),
+                    ("adaptive_ece", "adaptive ECE, equal-mass (%)", 100),
+                    ("classwise_ece", "classwise ECE (%)", 100), ("mce", "MCE (%)", 100),
+                    ("brier", "Brier score", 1), ("nll", "NLL", 1))
+
+
+def calibration_markdown(cal: Mapping[str, Any]) -> str:
+    """The calibration block: every metric before and after temperature scaling (see ``calibration_block``)."""
+    bound = " (at the search bound)" if cal.get("temperature_at_bound") else ""
+    lines = [f"Calibration on the test split ({cal['before']['n']} images, {cal['n_bins']} bins), before and after "
+             f"temperature scaling with T = {cal['temperature']:.4g}{bound} fitted on the validation split "
+             f"({cal['n_fit']} images; NLL there {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}). "
+             f"Reliability diagram: reliability.png.", "",
+             "| metric | before | after TS |", "|---|---|---|"]
+    for key, label, mult in CALIBRATION_ROWS:
+        a, b = cal["before"][key], cal["after"][key]
+        lines.append(f"| {label} | {mult * a:.2f} | {mult * b:.2f} |" if mult == 100 else f"| {label} | {a:.4f} | {b:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_reliability(cal: Mapping[str, Any], path: str) -> None:
+    """Reliability diagrams (accuracy against confidence per bin) before and after temperature scaling,
+    with the confidence histogram beside them; written atomically to ``path``."""
+    fig, axes = new_figure(3, cols=3, size=(4.0, 3.8))
+    for ax, side in zip(axes[:2], ("before", "after")):
+        b = cal["reliability"][side]
+        lo, hi = np.asarray(b["lower"]), np.asarray(b["upper"])
+        acc = np.nan_to_num(np.asarray(b["accuracy"], dtype=np.float64))
+        conf = np.asarray(b["confidence"], dtype=np.float64)
+        ax.bar(lo, acc, width=hi - lo, align="edge", color="tab:blue", edgecolor="k", linewidth=0.5, label="accuracy")
+        gap = np.where(np.isnan(conf), 0.0, conf - acc)
+        ax.bar(lo, gap, bottom=acc, width=hi - lo, align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1)
+        title = "before TS" if side == "before" else f"after TS (T = {cal['temperature']:.3g})"
+        ax.set_title(f"{title}: ECE {100 * cal[side]['ece']:.2f} %")
+        ax.set_xlabel("confidence (max softmax)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    ax = axes[2]
+    for side, color in (("before", "tab:blue"), ("after", "tab:orange")):
+        b = cal["reliability"][side]
+        lo, hi = np.asarray(b["lower"]), np.asarray(b["upper"])
+        n = np.asarray(b["count"], dtype=np.float64)
+        ax.step(np.r_[lo, hi[-1]], np.r_[n / n.sum(), 0.0], where="post", color=color, label=side)
+    ax.set_title("confidence histogram")
+    ax.set_xlabel("confidence (max softmax)")
+    ax.set_ylabel("share of test images")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_save_figure(fig, path)

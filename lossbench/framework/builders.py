@@ -7,13 +7,15 @@ the same way wherever it is loaded.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ood.calibration import expected_calibration_error
+
+from ..losses.base import Head
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import from_dict
@@ -41,11 +43,41 @@ def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
                         pretrained_file=args.pretrained_file, drop_rate=args.drop_rate)
 
 
+def optimizer_param_groups(model: nn.Module, lr: float, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
+    """Parameter groups honouring the head's declared settings, or ``None`` when it declares none.
+
+    The backbone's groups are timm's (``param_groups_weight_decay``: no decay for biases and 1-D
+    parameters); the head's are :meth:`lossbench.losses.base.Head.param_groups`.
+    """
+    from timm.optim import param_groups_weight_decay
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, Head) or not head.optim_settings():
+        return None
+    groups = param_groups_weight_decay(model.backbone, weight_decay) if weight_decay else [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "weight_decay": 0.0}]
+    head_ids = {id(p) for p in head.parameters()}
+    others = [p for n, p in model.named_parameters()
+              if p.requires_grad and id(p) not in head_ids and not n.startswith("backbone.")]
+    if others:
+        raise ValueError("the model has trainable parameters outside backbone and head; cannot group them")
+    return [g for g in groups if g["params"]] + head.param_groups(lr, weight_decay)
+
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimiser ``args.opt`` at ``args.lr`` / ``args.weight_decay``, with the head's declared settings.
+
+    A head that declares :meth:`~lossbench.losses.base.Head.optim_settings` (e.g. WCDAS's scale)
+    gets its own parameter groups (timm's schedulers scale each group's own initial lr); otherwise the
+    optimiser is timm's default grouping of the whole model.
+    """
     from timm.optim import create_optimizer_v2
 
     kwargs = {"momentum": args.momentum} if args.opt == "sgd" else {}
-    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+    groups = optimizer_param_groups(model, args.lr, args.weight_decay)
+    if groups is None:
+        return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

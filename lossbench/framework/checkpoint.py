@@ -55,8 +55,19 @@ def comparable_config(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
-    """``'key: old -> new'`` for every key outside :data:`RUN_CONTROL_KEYS` whose value changed."""
+    """``'key: old -> new'`` for every key outside :data:`RUN_CONTROL_KEYS` whose value changed.
+
+    A key that only one side has (an option added after the run was saved) counts as unchanged
+    when the other side holds that option's default.
+    """
+    from .config import build_parser
+
+    defaults = comparable_config(vars(build_parser().parse_args([])))
     a, b = comparable_config(saved), comparable_config(now)
+    for key in set(a) ^ set(b):
+        if key in defaults:
+            a.setdefault(key, defaults[key])
+            b.setdefault(key, defaults[key])
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -41,23 +41,41 @@ def _cycle(loader: DataLoader) -> Iterator:
 class LossStep(nn.Module):
     """The training computation as one module, so DistributedDataParallel sees every parameter use.
 
-    ``forward(x, y)`` -> (loss, detached logits); with outliers ``x_out`` the energy-bounded term of
-    Liu et al. 2020 is added.
+    ``forward(x, y)`` -> (loss, detached logits); with outliers ``x_out`` the outlier term
+    ``outlier_loss(logits_in, logits_out)`` is added: the energy-bounded term of Liu et al. 2020
+    (:class:`~lossbench.losses.energy_margin.EnergyMarginLoss`) or Outlier Exposure's
+    (:class:`~lossbench.losses.outlier_exposure.OutlierExposureLoss`).
     """
 
-    def __init__(self, model: Classifier, energy_loss: Optional[nn.Module] = None):
+    def __init__(self, model: Classifier, outlier_loss: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
-        self.energy_loss = energy_loss
+        self.outlier_loss = outlier_loss
+
+    @property
+    def energy_loss(self) -> Optional[nn.Module]:
+        """The outlier term (its former name)."""
+        return self.outlier_loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor] = None):
-        if x_out is None or self.energy_loss is None:
+        if x_out is None or self.outlier_loss is None:
             return self.model.loss(x, y)
         f = self.model.features(torch.cat([x, x_out]))
         f_in, f_out = f[: x.shape[0]], f[x.shape[0]:]
         logits_in = self.model.head.logits(f_in)
-        loss = self.model.head(f_in, y) + self.energy_loss(logits_in.float(), self.model.head.logits(f_out).float())
+        loss = self.model.head(f_in, y) + self.outlier_loss(logits_in.float(), self.model.head.logits(f_out).float())
         return loss, logits_in.detach()
+
+
+def build_outlier_loss(args: argparse.Namespace) -> nn.Module:
+    """The outlier term chosen by ``--outlier-loss``: ``energy`` (default) or ``oe``."""
+    if args.outlier_loss == "oe":
+        from ..losses.outlier_exposure import OutlierExposureLoss
+
+        return OutlierExposureLoss(weight=args.oe_weight)
+    from ..losses.energy_margin import EnergyMarginLoss
+
+    return EnergyMarginLoss(m_in=args.m_in, m_out=args.m_out, weight=args.energy_weight)
 
 
 class Trainer:
@@ -88,24 +106,22 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype(args, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.energy_loss = None
+        self.outlier_loss: Optional[nn.Module] = None
         self.outliers: Optional[Iterator] = None
         if args.outlier_data:
-            from ..losses.energy_margin import EnergyMarginLoss
-
-            self.energy_loss = EnergyMarginLoss(m_in=args.m_in, m_out=args.m_out, weight=args.energy_weight)
+            self.outlier_loss = build_outlier_loss(args)
             ods = get_ood_dataset(args.outlier_data, self.bundle, root=args.data_root, seed=args.seed + 1,
                                   n_noise=len(self.bundle.train), download=args.download)
             sampler = GlobalBatchSampler(len(ods), args.batch_size, args.seed + 1, self.dist.rank,
                                          self.dist.world_size)
             self.outliers = _cycle(DataLoader(ods, batch_sampler=sampler, num_workers=args.workers))
-        step: nn.Module = LossStep(self.model, self.energy_loss)
+        step: nn.Module = LossStep(self.model, self.outlier_loss)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             if args.sync_bn and self.device.type == "cuda":
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                step = LossStep(self.model, self.energy_loss)
+                step = LossStep(self.model, self.outlier_loss)
             step = DDP(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = torch.compile(step) if args.compile else step
         self.optimizer = build_optimizer(args, self.model)
@@ -116,6 +132,11 @@ class Trainer:
         self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
         self.log_rows: List[Dict[str, Any]] = []
+
+    @property
+    def energy_loss(self) -> Optional[nn.Module]:
+        """The outlier term (its former name, whichever ``--outlier-loss`` chose)."""
+        return self.outlier_loss
 
     # -- state -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:

@@ -6,17 +6,23 @@
 
 Both have ``on_step(step)``: the trainer calls it once per optimisation step (``step`` counts
 from 0) so that schedules a paper anneals (temperatures, noise) also run in a user's own loop.
+<<<<<<< HEAD
 
 Conventions every loss and head follows (``tests/test_harness.py`` checks them for each
 registered one): targets may be any integer dtype; bf16/fp16 inputs compute in float32, float64
 stays float64; an empty batch is a ``ValueError`` (never NaN, never a silent 0); NaN/inf inputs,
 wrong shapes, labels out of range and ``meta`` tensors are errors that name the argument.
+=======
+A head also says how its own parameters should be optimised (:meth:`Head.optim_settings`,
+:meth:`Head.param_groups`): a scale or a temperature may need a larger learning rate or no weight
+decay than the network's recipe gives it.
+>>>>>>> calib
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 from torch import Tensor
@@ -57,6 +63,51 @@ class Head(nn.Module, metaclass=abc.ABCMeta):
 
     def check_features(self, features: Tensor) -> None:
         check_features(features, self.in_features, "features")
+
+    def optim_settings(self) -> Dict[str, Dict[str, float]]:
+        """Optimiser settings this head declares for its own parameters (default: none).
+
+        ``{parameter name (as in named_parameters()): {"lr_scale": m, "weight_decay": wd}}``; any
+        key may be left out (then the caller's value holds). ``lr_scale`` multiplies the base
+        learning rate (and follows its schedule); ``"lr": x`` instead fixes the peak learning rate
+        of that parameter whatever the base one (``lr_scale = x / base_lr``); ``weight_decay``
+        replaces the base weight decay.
+        Subclasses state each setting's source in their docstring.
+        """
+        return {}
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> List[Dict[str, Any]]:
+        """``torch.optim`` parameter groups of this head's trainable parameters, with its declared settings.
+
+        Undeclared parameters follow timm's rule (weight decay ``weight_decay`` for matrices, none
+        for biases and other 1-D / scalar parameters); declared ones get
+        :meth:`optim_settings`. Each group holds ``params``, ``lr`` (= ``base_lr * lr_scale``),
+        ``weight_decay`` and the parameter ``names``. Schedulers that scale each group's initial lr
+        (torch's ``LambdaLR`` / ``CosineAnnealingLR``, timm's) keep the ratios. (No ``lr_scale``
+        key: timm's schedulers would apply it a second time.) Use in a user's own loop:
+        ``torch.optim.AdamW(backbone_groups + head.param_groups(lr, wd), lr=lr)``.
+        """
+        settings = self.optim_settings()
+        names = dict(self.named_parameters())
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"optim_settings names parameters this head does not have: {unknown}; "
+                             f"its parameters are {sorted(names)}")
+        groups: Dict[tuple, Dict[str, Any]] = {}
+        for name, p in names.items():
+            if not p.requires_grad:
+                continue
+            own = settings.get(name, {})
+            bad = sorted(set(own) - {"lr", "lr_scale", "weight_decay"})
+            if bad or ("lr" in own and "lr_scale" in own):
+                raise ValueError(f"optim_settings[{name!r}] = {own}: expected keys lr or lr_scale (not both), weight_decay")
+            default_wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else float(weight_decay)
+            scale = float(own["lr"]) / float(base_lr) if "lr" in own else float(own.get("lr_scale", 1.0))
+            key = (scale, float(own.get("weight_decay", default_wd)))
+            g = groups.setdefault(key, {"params": [], "names": [], "lr": base_lr * key[0], "weight_decay": key[1]})
+            g["params"].append(p)
+            g["names"].append(name)
+        return list(groups.values())
 
     @abc.abstractmethod
     def logits(self, features: Tensor) -> Tensor:

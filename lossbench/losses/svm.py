@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,11 @@ class _OneVsRestSVMHead(LinearLayerHead):
         data = hinge.mean() if self.reduction == "mean" else hinge.sum()
         w = self.fc.weight.to(data.dtype)
         return self.weight_penalty * (w * w).mean() + self.C * data
+
+    def optim_settings(self) -> Dict[str, Dict[str, float]]:
+        """No optimiser weight decay on ``fc.weight``: ``weight_penalty`` is its regulariser
+        (Agarap's CNN-SVM trains with Adam and no weight decay)."""
+        return {"fc.weight": {"weight_decay": 0.0}}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, C={self.C}, "

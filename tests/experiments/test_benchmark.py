@@ -120,7 +120,7 @@ def test_set_label():
 
 @pytest.mark.parametrize("data,match", [
     ({"lossses": ["ce"]}, "lossses"),
-    ({"losses": ["ce", "focal"]}, "focal"),
+    ({"losses": ["ce", "no_such_loss"]}, "no_such_loss"),
     ({"scores": ["msp", "no_such_score"]}, "no_such_score"),
     ({"train": {"loss": "ce"}}, "set per cell"),
     ({"train": {"seed": 3}}, "set per cell"),
@@ -305,3 +305,28 @@ def test_resume_check_is_the_trainers_compile_is_run_control(tmp_path):
     save_checkpoint(str(tmp_path / "runs" / "ce-s0" / "last.pt"), dict(state, config=saved))
     with pytest.raises(CheckpointError, match="lr"):
         cell_state(cfg, args)
+
+
+def test_leaderboard_calibration_columns():
+    def cell(ece, ece_ts, brier):
+        m = _metrics(0.9, 0.8, 0.6)
+        cal = {"adaptive_ece": ece * 0.9, "brier": brier, "nll": 0.5, "ece": ece}
+        m["calibration"] = {"temperature": 1.5, "before": cal, "after": {"ece": ece_ts, "nll": 0.4}}
+        m["test"]["ece"] = ece
+        return m
+
+    rows = summarize({"ce": {0: cell(0.10, 0.02, 0.3), 1: cell(0.20, 0.04, 0.4)},
+                      "focal": {0: cell(0.05, 0.03, 0.25)}})
+    assert rows["ce"]["stats"]["ece_ts"] == (pytest.approx(0.03), pytest.approx(np.std([0.02, 0.04], ddof=1)))
+    md = leaderboard_markdown(rows, ["msp"], ["a", "b"], "paper")
+    header = next(l for l in md.splitlines() if l.startswith("| loss |"))
+    assert "| ECE | ECE after TS | adaptive ECE | Brier | NLL | P@1 | MAP@R |" in header
+    ce_row = next(l for l in md.splitlines() if l.startswith("| ce |"))
+    focal_row = next(l for l in md.splitlines() if l.startswith("| focal |"))
+    assert "| 15.0 ± 7.1 | **3.0 ± 1.4** |" in ce_row  # ECE, ECE after TS (lower is better: best in bold)
+    assert "| **5.0** |" in focal_row and "| **0.250** |" in focal_row  # best ECE; Brier as a plain number
+    assert "| 0.350 ± 0.071 |" in ce_row
+    # cells evaluated before the calibration block existed: the old columns only
+    old = leaderboard_markdown(summarize({"ce": {0: _metrics(0.9, 0.8, 0.6)}}), ["msp"], ["a", "b"], "paper")
+    old_header = next(l for l in old.splitlines() if l.startswith("| loss |"))
+    assert "ECE after TS" not in old_header and "| ECE | P@1 |" in old_header

@@ -36,8 +36,14 @@ def test_train_then_eval_scripts(tmp_path):
     assert 0 <= m["test"]["ece"] <= 1
     res = m["ood"]["results"]
     assert set(res) == {"msp", "energy"} and set(res["msp"]) == {"heldout", "gaussian"}
-    for f in ("results.md", "roc.png", "hist.png"):
+    for f in ("results.md", "roc.png", "hist.png", "reliability.png"):
         assert (run / f).stat().st_size > 0, f
+    cal = m["calibration"]
+    assert cal["fit_split"] == "val" and cal["temperature"] > 0
+    assert cal["before"]["ece"] == pytest.approx(m["test"]["ece"]) and cal["before"]["acc"] == pytest.approx(m["test"]["acc"])
+    assert cal["after"]["acc"] == pytest.approx(cal["before"]["acc"])  # TS keeps the argmax
+    assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-12
+    assert "before and after temperature scaling" in (run / "results.md").read_text()
     # an existing run is not overwritten without --resume
     again = _run(["train.py", "-c", "configs/demo.yaml", *TINY, "--epochs", "3", "--lr", "3e-3",
                   "--output", str(tmp_path), "--name", "e2e"], check=False)

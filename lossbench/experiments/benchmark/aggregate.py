@@ -20,10 +20,17 @@ def set_label(name: str) -> str:
 
 
 def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
-    """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r, and per score
-    ``<score>/auroc``, ``<score>/fpr95`` (means over the OOD sets) and ``<score>/<set>/auroc|fpr95``."""
+    """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r; from its calibration
+    block (when present) ``ece_ts`` (ECE after temperature scaling), ``adaptive_ece``, ``brier``,
+    ``nll``, ``nll_ts``, ``temperature``; and per score ``<score>/auroc``, ``<score>/fpr95`` (means
+    over the OOD sets) and ``<score>/<set>/auroc|fpr95``."""
     out = {"acc": metrics["test"]["acc"], "ece": metrics["test"]["ece"],
            "p_at_1": metrics["embedding"]["p_at_1"], "map_at_r": metrics["embedding"]["map_at_r"]}
+    cal = metrics.get("calibration")
+    if cal is not None:
+        before, after = cal["before"], cal["after"]
+        out.update(ece_ts=after["ece"], adaptive_ece=before["adaptive_ece"], brier=before["brier"],
+                   nll=before["nll"], nll_ts=after["nll"], temperature=cal["temperature"])
     for score, per_set in metrics["ood"]["results"].items():
         for key in ("auroc", "fpr95"):
             vals = [m[key] for m in per_set.values()]

@@ -190,4 +190,5 @@ def eval_settings(cfg: BenchConfig, data_root: Optional[str]) -> Dict[str, Any]:
         "ood_sets": expand_ood_sets(cfg, data_root), "scores": cfg.scores, "score_args": cfg.score_args,
         "convention": cfg.convention, "checkpoint": cfg.checkpoint, "max_ood_samples": cfg.max_ood_samples,
         "n_noise": cfg.n_noise, "embedding_distance": cfg.embedding_distance,
+        "calibration": {"n_bins": 15, "temperature_scaling": "val"},  # cells evaluated without it are re-evaluated
     }))
