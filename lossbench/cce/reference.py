@@ -27,12 +27,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..validation import compute_dtype
+
 RunResult = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], int, int]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed (accumulated) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _runs(need: List[bool], tile: int, V: int) -> List[Tuple[int, int]]:
@@ -71,6 +68,9 @@ def torch_run(
     filter's tiles; ``softcap <= 0`` and ``filter_eps <= 0`` mean off.
     Returns ``(loss, lse, dE (E's dtype), dC, db, skipped_tiles, bad_rows)``; dC is in the
     compute dtype when ``accum_c_fp32`` or E is float32/64, else in C's dtype.
+    It stays one function over 60 lines because it is the reference the kernels' ``run`` in
+    ``csrc/cce.cpp`` is checked against, and follows it step by step in one loop over row blocks
+    (logits, row loss, d logits, tile filter, gradient GEMMs) whose steps share the block's buffers.
     """
     N, D = E.shape
     V = C.shape[0]

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lossbench.cce import api, ext, linear_cross_entropy
+from lossbench.cce import api, ext, linear_cross_entropy, threads
+from lossbench.cce import autograd as cce_autograd
 from lossbench.validation import skip_value_checks
 
 IMPLS = ["torch"] + (["ext"] if ext.load() is not None else [])
@@ -247,7 +248,7 @@ def test_low_precision_inputs_are_not_copied_to_float32(impl, dtype, monkeypatch
     E, C, b, t = make(dtype=dtype)
     seen = []
     real = api._run
-    monkeypatch.setattr(api, "_run", lambda impl_, *a: seen.append((a[0], a[1])) or real(impl_, *a))
+    monkeypatch.setattr(cce_autograd, "_run", lambda impl_, *a: seen.append((a[0], a[1])) or real(impl_, *a))
     linear_cross_entropy(E, C, t, b, impl=impl).backward()
     # the caller's storage, in its dtype: no float32 copy of E or C
     assert seen and all(e.dtype == dtype and e.data_ptr() == E.data_ptr() and c is C
@@ -287,14 +288,14 @@ def test_busy_machine_runs_single_threaded_and_restores(impl, monkeypatch):
         pytest.skip("needs two threads")
     seen = []
     real = api._run
-    monkeypatch.setattr(api, "_other_runnable", lambda: 64)
+    monkeypatch.setattr(threads, "_other_runnable", lambda: 64)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(api, "_run",
+    monkeypatch.setattr(cce_autograd, "_run",
                         lambda *a: seen.append(torch.get_num_threads()) or real(*a))
     out = linear_cross_entropy(E, C, t, b, impl=impl, reduction="none")
     out.sum().backward()
     assert seen == [1, 1] and torch.get_num_threads() == old
-    monkeypatch.setattr(api, "_other_runnable", lambda: 0)
+    monkeypatch.setattr(threads, "_other_runnable", lambda: 0)
     seen.clear()
     linear_cross_entropy(E, C, t, b, impl=impl)
     assert seen == [old]

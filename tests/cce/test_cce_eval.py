@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lossbench.cce import api, linear_logsumexp, linear_max_softmax, linear_topk
+from lossbench.cce import linear_logsumexp, linear_max_softmax, linear_topk, reductions
 
 
 @pytest.fixture(autouse=True)
 def small_row_blocks(monkeypatch):
-    monkeypatch.setattr(api, "block_rows", lambda n, v, device: max(1, min(n, 4)))
+    monkeypatch.setattr(reductions, "block_rows", lambda n, v, device: max(1, min(n, 4)))
 
 
 def data(dtype=torch.float32, bias=True):
@@ -20,6 +20,13 @@ def data(dtype=torch.float32, bias=True):
     C = torch.randn(53, 9, generator=g).to(dtype)
     b = torch.randn(53, generator=g).to(dtype) if bias else None
     return E, C, b
+
+
+def test_small_row_blocks_reach_the_reductions():
+    """The autouse fixture takes effect: 11 rows are reduced in blocks of 4."""
+    E, C, b = data()
+    assert [(r0, Z.shape[0]) for r0, Z in reductions._blocks(E, C, b, None, 1.0)] == \
+        [(0, 4), (4, 4), (8, 3)]
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -1,0 +1,63 @@
+"""How a cut cross-entropy pass runs: rows per logits block and which implementation.
+
+:func:`block_rows` sizes the R x V logits block from a per-device memory budget;
+:func:`resolve_impl` picks the compiled extension (``ext``) or plain PyTorch (``torch``, see
+:mod:`lossbench.cce.reference`) and :func:`_run` calls the chosen one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from . import ext
+from .reference import RunResult, torch_run
+
+IMPLS = ("auto", "torch", "ext")
+# Budget for the R x V logits block, in elements, per device type (float32: CPU 48 MiB, CUDA
+# 256 MiB), and the fewest rows a block gets whatever V (below ~256 rows the CPU GEMMs lose
+# 20-40 % of their rate), so above V = budget / MIN_BLOCK_ROWS (49,152 on CPU) the default block
+# exceeds the budget; pass ``rows_per_block`` to cap it.
+ROW_BLOCK_ELEMENTS: Dict[str, int] = {"cpu": 3 << 22, "cuda": 1 << 26}
+MIN_BLOCK_ROWS: Dict[str, int] = {"cpu": 256, "cuda": 256}
+MAX_BLOCK_ROWS: Dict[str, int] = {"cpu": 1024, "cuda": 8192}
+_DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+def block_rows(n: int, v: int, device: torch.device) -> int:
+    """Rows per block: ``ROW_BLOCK_ELEMENTS // V`` within ``[MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]``."""
+    budget = ROW_BLOCK_ELEMENTS.get(device.type, _DEFAULT_BLOCK_ELEMENTS)
+    rows = max(1, budget // max(1, v))
+    rows = max(MIN_BLOCK_ROWS.get(device.type, 1), min(MAX_BLOCK_ROWS.get(device.type, rows), rows))
+    if rows > 16:
+        rows -= rows % 16
+    return max(1, min(rows, max(1, n)))
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` resolves to on ``device``: 'torch' or 'ext'."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    if device.type not in ("cpu", "cuda"):
+        if impl == "ext":
+            ext.warn_fallback(f"it has no kernels for device {device}")
+        return "torch"
+    module = ext.load()
+    if module is None:
+        if impl == "ext":
+            ext.warn_fallback("it could not be built")
+        return "torch"
+    if device.type == "cuda" and not module.has_cuda():
+        ext.warn_fallback("it was built without CUDA kernels")
+        return "torch"
+    return "ext"
+
+
+def _run(impl: str, *args: Any) -> RunResult:
+    if impl == "ext":
+        loss, lse, dE, dC, db, skipped, bad = ext.load().run(*args)  # type: ignore[union-attr]
+        return loss, lse, dE, dC, db, int(skipped), int(bad)
+    return torch_run(*args)
