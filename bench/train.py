@@ -154,6 +154,8 @@ def main() -> None:
     base = ["--model", a.model, "--data", a.data, "--img-size", str(a.img_size), "--batch-size", str(a.batch_size),
             "--epochs", "1000", "--no-progress", "--loss", "ce", "--output", "build/bench-train"]
     base += ["--small-stem"] if a.small_stem else []
+    if a.data.startswith("imagefolder:"):
+        base += ["--cache-dir", "build/cache"]  # decode the folder once for all variants
     if a.case == "cifar-aug":
         base += ["--augment", "cifar", "--opt", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--nesterov"]
     elif not a.data.startswith("imagefolder:"):
