@@ -6,6 +6,14 @@ absorbs torch.compile's compilation) and is then timed over ``--steps`` optimisa
 
     python bench/train.py                       # resnet18 on the digits set, 32x32, batch 64
     python bench/train.py --model resnet10t --steps 20 --variants bare,ours,channels_last
+    python bench/train.py --case cifar-aug --data imagefolder:../shared/datasets/cifar10-jpeg-subset \
+        --model resnet18 --small-stem --batch-size 128 --variants bare,ours
+
+``--case cifar-aug`` is the augmented CIFAR case: random crop (4-px padding) + flip, SGD with
+Nesterov momentum; the bare loop is what a user would write with torchvision: a Dataset over the
+same decoded uint8 images applying ``v2.RandomCrop`` / ``v2.RandomHorizontalFlip`` / normalisation per
+image, a shuffling DataLoader, ``timm.create_model`` with the same stem, ``torch.optim.SGD``; both
+are timed with their data loading.
 """
 
 from __future__ import annotations
@@ -56,6 +64,57 @@ def bare_loop(trainer: Trainer, steps: int, warmup: int, channels_last: bool = F
     return n_img / (time.perf_counter() - t0)
 
 
+class _BareAugmented(torch.utils.data.Dataset):
+    """The hand-written data set of the bare loop: uint8 images -> v2 crop/flip -> float -> normalise."""
+
+    def __init__(self, images, labels, mean, std, padding):
+        from torchvision.transforms import v2
+
+        self.images, self.labels = images, labels
+        size = images.shape[-1]
+        self.tf = v2.Compose([v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip(),
+                              v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.tf(self.images[i]), self.labels[i]
+
+
+def bare_augmented_loop(trainer: Trainer, steps: int, warmup: int) -> float:
+    """The augmented CIFAR case by hand: torchvision transforms per image, timm model, SGD + Nesterov."""
+    import timm
+
+    from lossbench.framework.stems import use_small_stem
+
+    args, b = trainer.args, trainer.bundle
+    raw = [b.train_raw[i] for i in range(len(b.train_raw))]
+    images = torch.stack([x for x, _ in raw])
+    labels = torch.tensor([y for _, y in raw])
+    seed_everything(args.seed)
+    model = timm.create_model(args.model, num_classes=b.num_classes, in_chans=b.spec.channels)
+    if args.small_stem:
+        use_small_stem(model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+                          weight_decay=args.weight_decay)
+    ds = _BareAugmented(images, labels, b.spec.mean, b.spec.std, args.crop_padding)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    model.train()
+    n_img, t0 = 0, None
+    for i, (x, y) in enumerate(_forever(loader)):
+        if i == warmup:
+            t0, n_img = time.perf_counter(), 0
+        if i == warmup + steps:
+            break
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_img += y.shape[0]
+    return n_img / (time.perf_counter() - t0)
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -88,9 +147,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--case", default="plain", choices=["plain", "cifar-aug"],
+                   help="plain: AdamW, no augmentation; cifar-aug: crop + flip, SGD + Nesterov")
+    p.add_argument("--small-stem", action="store_true")
     a = p.parse_args()
     base = ["--model", a.model, "--data", a.data, "--img-size", str(a.img_size), "--batch-size", str(a.batch_size),
             "--epochs", "1000", "--no-progress", "--loss", "ce", "--output", "build/bench-train"]
+    base += ["--small-stem"] if a.small_stem else []
+    if a.data.startswith("imagefolder:"):
+        base += ["--cache-dir", "build/cache"]  # decode the folder once for all variants
+    if a.case == "cifar-aug":
+        base += ["--augment", "cifar", "--opt", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--nesterov"]
+    elif not a.data.startswith("imagefolder:"):
+        base += ["--augment", "none"]
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -100,7 +169,9 @@ def main() -> None:
     for v in variants:
         runs = []
         for _ in range(a.repeats):
-            if v == "bare":
+            if v == "bare" and a.case == "cifar-aug":
+                runs.append(bare_augmented_loop(ref_trainer, a.steps, a.warmup))
+            elif v == "bare":
                 runs.append(bare_loop(ref_trainer, a.steps, a.warmup))
             else:
                 extra = []
@@ -112,7 +183,8 @@ def main() -> None:
         results[v] = statistics.median(runs)
         print(f"  {v}: {results[v]:.1f} img/s (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
     ref = results.get("bare")
-    print(f"\nmodel {a.model}, data {a.data} {a.img_size}x{a.img_size}, batch {a.batch_size}, "
+    print(f"\ncase {a.case}, model {a.model}{' (small stem)' if a.small_stem else ''}, data {a.data} "
+          f"{a.img_size}x{a.img_size}, batch {a.batch_size}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, median of {a.repeats}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print("| variant | images/s | vs bare loop |")

@@ -97,7 +97,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequ
     for name in scores:
         if name in PIXEL_STEP_SCORES:
             score_kwargs.setdefault(name, {}).setdefault("input_std", tuple(bundle.spec.std))
-    ood = evaluate_ood(model, make_loader(bundle.train, batch_size), test_loader, ood_loaders, scores=scores,
+    ood = evaluate_ood(model, make_loader(bundle.train_eval, batch_size), test_loader, ood_loaders, scores=scores,
                        score_kwargs=score_kwargs, convention=convention,
                        val_loader=make_loader(bundle.val, batch_size), progress=progress)
     result: Dict[str, Any] = {"test": test, "ood_sets": {k: len(v.dataset) for k, v in ood_loaders.items()},

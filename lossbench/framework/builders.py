@@ -19,7 +19,8 @@ from ..losses.base import Head
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import from_dict
-from .data import DataBundle, get_data
+from .augment import AugmentSpec, resolve_augment_mode
+from .data import DataBundle, get_data, native_channels
 from .models import Classifier, create_model
 from .runtime import select_device
 
@@ -31,16 +32,25 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int =
                       drop_last=drop_last and len(ds) > batch_size)
 
 
+def augment_spec(args: argparse.Namespace) -> AugmentSpec:
+    """The training augmentation a (validated) configuration asks for."""
+    mode = resolve_augment_mode(args.augment, native_channels(args.data, args.channels))
+    return AugmentSpec(mode, args.crop_padding, args.auto_augment, args.reprob)
+
+
 def load_bundle(args: argparse.Namespace) -> DataBundle:
     return get_data(args.data, root=args.data_root, img_size=args.img_size, channels=args.channels,
                     seed=args.seed, id_classes=args.id_classes, val_fraction=args.val_fraction,
-                    download=args.download, max_train_samples=args.max_train_samples)
+                    download=args.download, max_train_samples=args.max_train_samples,
+                    augment=augment_spec(args), test_folder=args.test_folder, decode_once=args.decode_once,
+                    cache_dir=args.cache_dir)
 
 
 def build_model(args: argparse.Namespace, bundle: DataBundle) -> Classifier:
     return create_model(args.model, bundle.num_classes, args.loss, args.loss_args,
                         in_chans=bundle.spec.channels, pretrained=args.pretrained,
-                        pretrained_file=args.pretrained_file, drop_rate=args.drop_rate)
+                        pretrained_file=args.pretrained_file, small_stem=args.small_stem,
+                        drop_rate=args.drop_rate)
 
 
 def optimizer_param_groups(model: nn.Module, lr: float, weight_decay: float) -> Optional[List[Dict[str, Any]]]:
@@ -73,7 +83,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
     """
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"momentum": args.momentum} if args.opt == "sgd" else {}
+    kwargs = {"momentum": args.momentum, "nesterov": args.nesterov} if args.opt == "sgd" else {}
     groups = optimizer_param_groups(model, args.lr, args.weight_decay)
     if groups is None:
         return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, **kwargs)

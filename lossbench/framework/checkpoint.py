@@ -17,7 +17,8 @@ from .io import atomic_write_bytes
 
 FORMAT_VERSION = 1
 #: Options that may differ between a run and its resumption: they control how it runs, not what it computes.
-RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile")
+RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile",
+                    "decode_once", "cache_dir", "device_augment")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "global_step", "config")
 
 
@@ -50,8 +51,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu", required: Iterable[str
 
 
 def comparable_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The part of a run's configuration that must match for a resume (JSON-normalised)."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RUN_CONTROL_KEYS}, default=str))
+    """The part of a run's configuration that must match for a resume (JSON-normalised).
+
+    Options a saved configuration predates read as :data:`~lossbench.framework.config.LEGACY_CONFIG`
+    (what such a run did), so old runs resume when the new options keep their behaviour.
+    """
+    from .config import LEGACY_CONFIG
+
+    merged = {**LEGACY_CONFIG, **config}
+    return json.loads(json.dumps({k: v for k, v in merged.items() if k not in RUN_CONTROL_KEYS}, default=str))
 
 
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:

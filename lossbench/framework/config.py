@@ -14,7 +14,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ..errors import UserInputError
+from .augment import AUGMENT_MODES, AUTO_AUGMENTS, resolve_augment_mode
 from .cli import list_type, parse_list
+from .mixup import check_soft_targets
+
+
+#: Values of the options added after the first release that reproduce what runs did before them, so a
+#: saved configuration without them reads as what it ran (an old RGB run had no augmentation).
+LEGACY_CONFIG: Dict[str, Any] = {
+    "augment": "none", "crop_padding": 4, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
+    "cutmix": 0.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "device_augment": "auto",
+    "small_stem": False, "nesterov": True, "test_folder": None, "decode_once": False, "cache_dir": None,
+}
 
 
 class ConfigError(UserInputError):
@@ -47,19 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id-classes", type=list_type(int, "id_classes"), default=None, help="in-distribution classes, e.g. 0,1,2,3,4,5; others are held out as OOD")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--max-train-samples", type=int, default=None, help="keep a class-stratified subset of the training split")
+    g.add_argument("--test-folder", default=None, help="imagefolder data: take the test split from this folder of class folders")
+    g.add_argument("--decode-once", action=argparse.BooleanOptionalAction, default=True, help="imagefolder data: decode every image once into a uint8 tensor (same pixels)")
+    g.add_argument("--cache-dir", default=None, help="keep decoded image folders on disk here (keyed by file list, sizes, mtimes, image size)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--workers", type=int, default=0)
+    g = p.add_argument_group("augmentation (training split only; eval splits and OOD fitting never)")
+    g.add_argument("--augment", default="auto", choices=list(AUGMENT_MODES), help="auto: cifar (4-px-padded random crop + h-flip) for RGB, none for 1-channel data")
+    g.add_argument("--crop-padding", type=int, default=4, help="zero padding of the random crop")
+    g.add_argument("--auto-augment", default="none", choices=list(AUTO_AUGMENTS), help="torchvision RandAugment / TrivialAugmentWide")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (timm Mixup; soft targets: losses in SOFT_TARGET_LOSSES only)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (timm Mixup)")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup when both are on")
+    g.add_argument("--device-augment", default="auto", choices=["auto", "on", "off"], help="crop/flip/normalise decoded uint8 batches on the device (auto: on CUDA)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", help="any timm.create_model name")
     g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub)")
     g.add_argument("--pretrained-file", default=None, help="local weights file for the backbone")
     g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False, help="ResNet family: 3x3 stride-1 first conv, no max-pool (for 32-px images)")
     g.add_argument("--loss", default="ce", help="a name from lossbench.list_losses()")
     g.add_argument("--loss-args", type=_json_dict, default={}, help="JSON object of loss hyper-parameters")
     g = p.add_argument_group("optimisation")
     g.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="SGD: Nesterov momentum (timm's 'sgd' default)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -144,6 +170,32 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"val_fraction must be in (0, 1), got {args.val_fraction}")
     if args.channels not in (None, 1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {args.channels}")
+    validate_augment(args)
+
+
+def validate_augment(args: argparse.Namespace) -> None:
+    """Check the augmentation keys (YAML values bypass argparse's choices) and resolve ``augment: auto``.
+
+    ``auto`` becomes ``cifar`` for 3-channel data and ``none`` for 1-channel data, so the saved
+    configuration says what ran. Mixup / CutMix with a loss that cannot take soft targets is refused.
+    """
+    from .data import native_channels
+
+    for key, allowed in (("augment", AUGMENT_MODES), ("auto_augment", AUTO_AUGMENTS),
+                         ("device_augment", ("auto", "on", "off"))):
+        if getattr(args, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(args, key)!r}")
+    for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
+        if not 0.0 <= float(getattr(args, key)) <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {getattr(args, key)!r}")
+    for key in ("mixup", "cutmix", "crop_padding"):
+        if float(getattr(args, key)) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(args, key)!r}")
+    try:
+        check_soft_targets(args.loss, args.mixup, args.cutmix)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    args.augment = resolve_augment_mode(args.augment, native_channels(args.data, args.channels))
 
 
 def to_dict(args: argparse.Namespace) -> Dict[str, Any]:
@@ -154,6 +206,6 @@ def to_dict(args: argparse.Namespace) -> Dict[str, Any]:
 def from_dict(data: Dict[str, Any]) -> argparse.Namespace:
     """Rebuild a namespace from a saved configuration; keys unknown to this version are an error."""
     parser = build_parser()
-    apply_config(parser, data, "saved config")
+    apply_config(parser, {**LEGACY_CONFIG, **data}, "saved config")
     args = parser.parse_args([])
     return args

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,9 +25,14 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import UnknownNameError, UserInputError
+from .augment import NO_AUGMENT, AugmentSpec
+from .image_cache import DecodedImages, decode_image_folder
+from .images import NOISE_SETS, ImageSpec, LabeledTransform, NoiseDataset
+
+__all__ = ["DataBundle", "DatasetNotFoundError", "ImageSpec", "LabeledTransform", "NoiseDataset", "get_data",
+           "get_ood_dataset", "native_channels", "default_data_root"]
 
 TORCHVISION_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
-NOISE_SETS = ("gaussian", "uniform")
 DATASET_NAMES = ("digits",) + TORCHVISION_SETS + ("imagefolder:<path>",)
 
 # Per-data-set normalisation (mean, std per channel) and native channels.
@@ -55,37 +60,6 @@ class DatasetNotFoundError(UserInputError, FileNotFoundError):
     """A data set's files are not under the given root."""
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    """The tensor form every image is brought to: ``channels`` x ``size`` x ``size``, normalised."""
-
-    channels: int
-    size: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-
-    def transform(self) -> Callable:
-        from torchvision import transforms as T
-
-        steps: List[Callable] = [
-            T.Grayscale(num_output_channels=self.channels) if self.channels == 1 else T.Lambda(_to_rgb),
-            T.Resize((self.size, self.size), antialias=True),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ]
-        return T.Compose(steps)
-
-    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        """Normalise images in ``[0, 1]`` of shape (N, channels, size, size)."""
-        mean = torch.tensor(self.mean, dtype=x01.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x01.dtype).view(1, -1, 1, 1)
-        return (x01 - mean) / std
-
-
-def _to_rgb(img):
-    return img.convert("RGB")
-
-
 @dataclass
 class DataBundle:
     """Splits of one in-distribution data set, plus OOD sets that come with it (held-out classes)."""
@@ -98,48 +72,16 @@ class DataBundle:
     classes: List[str]
     spec: ImageSpec
     ood: Dict[str, Dataset] = field(default_factory=dict)
+    #: The training split without augmentation (same samples, eval transform): what OOD scores fit on.
+    train_eval: Optional[Dataset] = None
+    #: The training split as raw uint8 images (decoded image folders only), for device-side augmentation.
+    train_raw: Optional[Dataset] = None
+    #: The augmentation ``train`` applies (``None``: none).
+    augment: Optional[AugmentSpec] = None
 
-
-class LabeledTransform(Dataset):
-    """Apply ``transform`` to the images of ``base`` and map labels through ``label_map``."""
-
-    def __init__(self, base: Dataset, transform: Optional[Callable] = None,
-                 label_map: Optional[Dict[int, int]] = None):
-        self.base, self.transform, self.label_map = base, transform, label_map
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        x, y = self.base[i]
-        if self.transform is not None:
-            x = self.transform(x)
-        y = int(y)
-        if self.label_map is not None:
-            y = self.label_map.get(y, -1)
-        return x, y
-
-
-class NoiseDataset(Dataset):
-    """Synthetic OOD images: ``gaussian`` N(0.5, 0.25^2) or ``uniform`` U(0, 1) pixels, clipped to [0, 1]
-    and normalised with the in-distribution spec. Deterministic given ``seed``; labels are -1."""
-
-    def __init__(self, kind: str, n: int, spec: ImageSpec, seed: int = 0):
-        if kind not in NOISE_SETS:
-            raise ValueError(f"noise kind must be one of {NOISE_SETS}, got {kind!r}")
-        g = torch.Generator().manual_seed(seed)
-        shape = (n, spec.channels, spec.size, spec.size)
-        if kind == "gaussian":
-            x = (0.5 + 0.25 * torch.randn(shape, generator=g)).clamp_(0, 1)
-        else:
-            x = torch.rand(shape, generator=g)
-        self.x = spec.normalize(x)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.x[i], -1
+    def __post_init__(self) -> None:
+        if self.train_eval is None:
+            self.train_eval = self.train
 
 
 def default_data_root() -> str:
@@ -164,7 +106,7 @@ def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int)
 
 
 def _digits(spec_size: int, seed: int, id_classes: Optional[Sequence[int]], val_fraction: float,
-            test_fraction: float) -> DataBundle:
+            test_fraction: float, aug: AugmentSpec = NO_AUGMENT) -> DataBundle:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -188,14 +130,19 @@ def _digits(spec_size: int, seed: int, id_classes: Optional[Sequence[int]], val_
 
     ood = {"heldout": subset(out_idx)} if len(out_idx) else {}
     # Held-out test images of the OOD classes are kept apart from every in-distribution split.
-    return DataBundle("digits", subset(in_idx[tr]), subset(in_idx[va]), subset(in_idx[te]),
-                      len(id_classes), [str(c) for c in id_classes], spec, ood)
+    train = subset(in_idx[tr])
+    train_aug = LabeledTransform(train, spec.normalized_transform(aug)) if aug.active else train
+    return DataBundle("digits", train_aug, subset(in_idx[va]), subset(in_idx[te]),
+                      len(id_classes), [str(c) for c in id_classes], spec, ood, train_eval=train,
+                      augment=aug if aug.active else None)
 
 
 def _labels_of(ds: Dataset) -> np.ndarray:
     """Labels of a split without decoding its images where the structure allows it."""
     if isinstance(ds, TensorDataset):
         return ds.tensors[1].numpy()
+    if isinstance(ds, LabeledTransform) and isinstance(ds.base, TensorDataset) and ds.label_map is None:
+        return ds.base.tensors[1].numpy()
     if isinstance(ds, LabeledTransform) and isinstance(ds.base, Subset):
         raw = _targets(ds.base.dataset)[np.asarray(ds.base.indices, dtype=np.int64)]
         if ds.label_map is None:
@@ -241,7 +188,7 @@ def _targets(ds) -> np.ndarray:
     return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
 
 
-def _image_folder(path: str):
+def _image_folder(path: str, test_folder: Optional[str] = None):
     from torchvision.datasets import ImageFolder
 
     p = Path(path)
@@ -250,17 +197,31 @@ def _image_folder(path: str):
             f"imagefolder path {path!r} is not a directory; expected <path>/<class>/<image> or "
             f"<path>/train/<class>/<image> and <path>/test/<class>/<image>"
         )
+    if test_folder is not None and not Path(test_folder).is_dir():
+        raise DatasetNotFoundError(f"test_folder {test_folder!r} is not a directory of <class>/<image> folders")
     if (p / "train").is_dir():
         train = ImageFolder(str(p / "train"))
         test = ImageFolder(str(p / "test")) if (p / "test").is_dir() else None
-        return train, test
-    return ImageFolder(str(p)), None
+    else:
+        train, test = ImageFolder(str(p)), None
+    if test_folder is not None:
+        test = ImageFolder(str(test_folder))
+        if test.classes != train.classes:
+            raise ValueError(f"test_folder {test_folder!r} has classes {test.classes}, the training folder "
+                             f"{path!r} has {train.classes}; they must be the same")
+    return train, test
+
+
+def _decoded(folder, spec: ImageSpec, cache_dir: Optional[str]) -> DecodedImages:
+    return decode_image_folder(folder, spec.size, spec.channels, spec.pil_steps(), cache_dir)
 
 
 def _split_bundle(name: str, train_base, test_base, classes: List[str], spec: ImageSpec, seed: int,
                   id_classes: Optional[Sequence[int]], val_fraction: float,
-                  test_fraction: float) -> DataBundle:
-    tf = spec.transform()
+                  test_fraction: float, aug: AugmentSpec = NO_AUGMENT) -> DataBundle:
+    decoded = isinstance(train_base, DecodedImages)
+    tf = spec.tensor_transform() if decoded else spec.transform()
+    tf_train = (spec.tensor_transform(aug) if decoded else spec.transform(aug)) if aug.active else tf
     y_train = _targets(train_base)
     n_all = len(classes)
     id_list = list(range(n_all)) if id_classes is None else [int(c) for c in id_classes]
@@ -283,48 +244,75 @@ def _split_bundle(name: str, train_base, test_base, classes: List[str], spec: Im
             out_idx = all_out
         if len(out_idx):
             ood["heldout"] = LabeledTransform(Subset(out_base, out_idx.tolist()), tf, label_map)
-    wrap = lambda ds: LabeledTransform(ds, tf, label_map)  # noqa: E731
-    return DataBundle(name, wrap(Subset(train_base, in_idx[tr].tolist())),
+    wrap = lambda ds, t=tf: LabeledTransform(ds, t, label_map)  # noqa: E731
+    train_ids = Subset(train_base, in_idx[tr].tolist())
+    return DataBundle(name, wrap(train_ids, tf_train),
                       wrap(Subset(train_base, in_idx[va].tolist())), wrap(test_ds),
-                      len(id_list), [classes[c] for c in id_list], spec, ood)
+                      len(id_list), [classes[c] for c in id_list], spec, ood, train_eval=wrap(train_ids),
+                      train_raw=LabeledTransform(train_ids, None, label_map) if decoded else None,
+                      augment=aug if aug.active else None)
+
+
+def native_channels(name: str, channels: Optional[int] = None) -> int:
+    """The channels images of data set ``name`` are brought to (``channels`` if given)."""
+    if channels is not None:
+        return int(channels)
+    key = str(name).lower()
+    key = "imagefolder" if key.startswith("imagefolder:") else key
+    return _STATS[key][2] if key in _STATS else 3
 
 
 def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 32,
              channels: Optional[int] = None, seed: int = 0, id_classes: Optional[Sequence[int]] = None,
              val_fraction: float = 0.1, test_fraction: float = 0.2, download: bool = False,
-             max_train_samples: Optional[int] = None) -> DataBundle:
+             max_train_samples: Optional[int] = None, augment: Optional[AugmentSpec] = None,
+             test_folder: Optional[str] = None, decode_once: bool = True,
+             cache_dir: Optional[str] = None) -> DataBundle:
     """Load the in-distribution data set ``name`` with deterministic splits.
 
     ``digits`` keeps classes 0-5 in-distribution and returns 6-9 as the ``heldout`` OOD set unless
     ``id_classes`` says otherwise; other sets hold classes out only when ``id_classes`` is given.
     ``test_fraction`` is used only where the source has no test split of its own.
     ``max_train_samples`` keeps a deterministic, class-stratified subset of the training split.
+    ``augment`` (an :class:`AugmentSpec`; default none) applies to ``bundle.train`` only; ``val``,
+    ``test``, the OOD sets and ``bundle.train_eval`` (the same training samples, un-augmented) never
+    get it. ``test_folder`` takes an image folder's test split from another folder (same classes).
+    ``decode_once`` decodes an image folder once into a uint8 tensor (identical pixels), optionally
+    cached on disk in ``cache_dir``.
     """
-    bundle = _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction, download)
+    aug = augment or NO_AUGMENT
+    bundle = _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction, download,
+                       aug, test_folder, decode_once, cache_dir)
     if max_train_samples is not None:
         if max_train_samples < bundle.num_classes:
             raise ValueError(f"max_train_samples must be >= the number of classes ({bundle.num_classes}), "
                              f"got {max_train_samples}")
         if max_train_samples < len(bundle.train):
-            labels = _labels_of(bundle.train)
+            labels = _labels_of(bundle.train_eval)
             keep, _ = train_test_split(np.arange(len(labels)), train_size=max_train_samples,
                                        random_state=seed, stratify=labels)
-            bundle.train = Subset(bundle.train, np.sort(keep).tolist())
+            keep = np.sort(keep).tolist()
+            same = bundle.train_eval is bundle.train
+            bundle.train = Subset(bundle.train, keep)
+            bundle.train_eval = bundle.train if same else Subset(bundle.train_eval, keep)
+            if bundle.train_raw is not None:
+                bundle.train_raw = Subset(bundle.train_raw, keep)
     return bundle
 
 
 def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction,
-              download) -> DataBundle:
+              download, aug=NO_AUGMENT, test_folder=None, decode_once=True, cache_dir=None) -> DataBundle:
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction and test_fraction must be in (0, 1) with sum < 1, got {val_fraction}, {test_fraction}"
         )
     key = str(name).lower()
+    if test_folder is not None and not key.startswith("imagefolder:"):
+        raise ValueError(f"test_folder applies to imagefolder:<path> data only, got data {name!r}")
     if key == "digits":
-        bundle = _digits(img_size, seed, id_classes, val_fraction, test_fraction)
         if channels not in (None, 1):
             raise ValueError(f"digits has 1 channel; channels={channels} is not supported")
-        return bundle
+        return _digits(img_size, seed, id_classes, val_fraction, test_fraction, aug)
     root = root or default_data_root()
     if key in TORCHVISION_SETS:
         mean, std, ch = _STATS[key]
@@ -335,16 +323,20 @@ def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, te
         test_base = _torchvision_split(key, root, False, download)
         classes = _classes(train_base)
         return _split_bundle(key, train_base, test_base, classes, spec, seed, id_classes,
-                             val_fraction, test_fraction)
+                             val_fraction, test_fraction, aug)
     if key.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
-        train_base, test_base = _image_folder(path)
+        train_base, test_base = _image_folder(path, test_folder)
         mean, std, ch = _STATS["imagefolder"]
         ch = channels or ch
         mean, std = _fit_stats(mean, std, ch)
         spec = ImageSpec(ch, img_size, mean, std)
-        return _split_bundle(key, train_base, test_base, list(train_base.classes), spec, seed,
-                             id_classes, val_fraction, test_fraction)
+        classes = list(train_base.classes)
+        if decode_once:
+            train_base = _decoded(train_base, spec, cache_dir)
+            test_base = _decoded(test_base, spec, cache_dir) if test_base is not None else None
+        return _split_bundle(key, train_base, test_base, classes, spec, seed,
+                             id_classes, val_fraction, test_fraction, aug)
     raise UnknownNameError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import UserInputError
 from ..registry import build_head
+from .stems import use_small_stem
 
 
 class PretrainedWeightsError(UserInputError, RuntimeError):
@@ -78,8 +79,13 @@ def create_backbone(name: str, in_chans: int = 3, pretrained: bool = False,
 def create_model(model_name: str, num_classes: int, loss: str = "ce",
                  loss_args: Optional[Dict[str, Any]] = None, in_chans: int = 3,
                  pretrained: bool = False, pretrained_file: Optional[str] = None,
-                 **backbone_kwargs: Any) -> Classifier:
-    """A :class:`Classifier`: timm backbone ``model_name`` + the head for loss ``loss``."""
+                 small_stem: bool = False, **backbone_kwargs: Any) -> Classifier:
+    """A :class:`Classifier`: timm backbone ``model_name`` + the head for loss ``loss``.
+
+    ``small_stem`` swaps the backbone's stem for the small-image one (:func:`use_small_stem`).
+    """
     backbone = create_backbone(model_name, in_chans, pretrained, pretrained_file, **backbone_kwargs)
+    if small_stem:
+        use_small_stem(backbone)
     head = build_head(loss, num_classes=num_classes, in_features=backbone.num_features, **(loss_args or {}))
     return Classifier(backbone, head)

@@ -27,6 +27,8 @@ from .config import to_dict
 from .data import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
 from .io import atomic_write_text, remove_stale_temp_files
+from .augment import BatchAugment
+from .mixup import build_mixup, mix_batch, soft_target_loss
 from .models import Classifier
 from .runtime import amp_dtype, rng_state, select_device, seed_everything, set_rng_state
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_ece", "seconds")
@@ -58,12 +60,16 @@ class LossStep(nn.Module):
         return self.outlier_loss
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor] = None):
-        if x_out is None or self.outlier_loss is None:
+        soft = y.is_floating_point()  # mixup / cutmix probability targets (N, C)
+        if (x_out is None or self.outlier_loss is None) and not soft:
             return self.model.loss(x, y)
-        f = self.model.features(torch.cat([x, x_out]))
-        f_in, f_out = f[: x.shape[0]], f[x.shape[0]:]
+        with_out = x_out is not None and self.outlier_loss is not None
+        f = self.model.features(torch.cat([x, x_out]) if with_out else x)
+        f_in = f[: x.shape[0]]
         logits_in = self.model.head.logits(f_in)
-        loss = self.model.head(f_in, y) + self.outlier_loss(logits_in.float(), self.model.head.logits(f_out).float())
+        loss = soft_target_loss(self.model.head, logits_in, y) if soft else self.model.head(f_in, y)
+        if with_out:
+            loss = loss + self.outlier_loss(logits_in.float(), self.model.head.logits(f[x.shape[0]:]).float())
         return loss, logits_in.detach()
 
 
@@ -125,11 +131,14 @@ class Trainer:
             step = DDP(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_fn = torch.compile(step) if args.compile else step
         self.optimizer = build_optimizer(args, self.model)
+        self.batch_augment = self._device_augment()
         self.steps_per_epoch = len(self._train_loader(0))
         if self.steps_per_epoch == 0:
             raise ValueError("the training split is empty")
         self.scheduler = build_scheduler(args, self.optimizer, self.steps_per_epoch)
         self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
+        self.mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                                 self.bundle.num_classes)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
         self.log_rows: List[Dict[str, Any]] = []
 
@@ -138,12 +147,28 @@ class Trainer:
         """The outlier term (its former name, whichever ``--outlier-loss`` chose)."""
         return self.outlier_loss
 
+    def _device_augment(self) -> Optional[BatchAugment]:
+        """:class:`BatchAugment` on the device for decoded uint8 data (``--device-augment``; auto: on CUDA)."""
+        mode, b = self.args.device_augment, self.bundle
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        usable = b.train_raw is not None and (b.augment is None or b.augment.batchable)
+        if not usable:
+            if mode == "on":
+                raise ValueError("device_augment 'on' needs decoded image-folder data (decode_once) and crop/flip "
+                                 "augmentation only (no auto_augment, reprob 0)")
+            return None
+        from .augment import NO_AUGMENT
+
+        return BatchAugment(b.augment or NO_AUGMENT, b.spec.mean, b.spec.std).to(self.device)
+
     # -- state -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
         sampler = GlobalBatchSampler(len(self.bundle.train), self.args.batch_size,
                                      seed=self.args.seed * 1000 + epoch, rank=self.dist.rank,
                                      world_size=self.dist.world_size)
-        return DataLoader(self.bundle.train, batch_sampler=sampler, num_workers=self.args.workers)
+        ds = self.bundle.train_raw if getattr(self, "batch_augment", None) is not None else self.bundle.train
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.args.workers)
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -193,6 +218,11 @@ class Trainer:
             if args.max_steps is not None and self.global_step >= args.max_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.batch_augment is not None:
+                x = self.batch_augment(x)
+            y_hard = y
+            if self.mixup is not None:
+                x, y = mix_batch(self.mixup, x, y, self.bundle.num_classes)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x_out = next(self.outliers)[0].to(self.device) if self.outliers is not None else None
@@ -219,7 +249,7 @@ class Trainer:
             self.scheduler.step_update(self.global_step)
             n = y.shape[0]
             total_loss += float(loss.detach()) * n
-            correct += int((logits.argmax(1) == y).sum())
+            correct += int((logits.argmax(1) == y_hard).sum())
             seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], self.device, self.dist)
