@@ -32,14 +32,7 @@ BACKBONES = {
                                         hidden_sizes=(8, 16, 16, 16))),
     "mambaout": ("test_mambaout", {}),
 }
-#: Families whose penultimate width is timm's ``head_hidden_size`` (a pre-logits layer), not
-#: ``num_features``: ``create_model`` sizes the head with ``num_features``, so the first forward
-#: raises "features must have width in_features=...". A defect of the training framework's
-#: model builder, recorded here until it is fixed there.
-HEAD_HIDDEN = pytest.mark.xfail(
-    reason="create_model sizes the head with backbone.num_features, but this backbone outputs "
-           "head_hidden_size features (MobileNetV3 conv_head, MambaOut pre-logits MLP)", strict=False)
-FAMILIES = [pytest.param(f, marks=HEAD_HIDDEN) if f in ("mobilenet", "mambaout") else f for f in BACKBONES]
+FAMILIES = list(BACKBONES)
 #: A short pre-processing grid keeps the validation protocol's passes few on a CPU.
 SCORE_KWARGS = {"mahalanobis": {"eps_grid": (0.0, 0.001)}}
 NUM_CLASSES = 3

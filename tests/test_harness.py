@@ -15,6 +15,7 @@ fails. A summary line (cases tried / errors / finite-and-correct) is printed at 
 from __future__ import annotations
 
 import copy
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lossbench
 import ood
+from ood.scores.feature_base import Classifier, FeatureScore, ScoreNotApplicable
 from lossbench.registry import get_loss_entry
 
 C, D, N = 4, 6, 5
@@ -157,9 +159,11 @@ def head_cases() -> list:
 
 
 #: (method, case) -> reason: defects found in code that is being rewritten elsewhere (cut cross-entropy).
-KNOWN = {
-    ("cce", "int32_target"): "cut cross-entropy's C++ kernel raises RuntimeError 'target must be int64' "
-                             "for int32 targets (F.cross_entropy accepts them)",
+#: (method, case) -> reason for a known limitation (not a silent wrong number: a precision loss stated here).
+KNOWN: dict = {
+    ("vim", "bfloat16"): "ViM's virtual logit is a residual norm (a small difference of large projections): "
+                         "rounding the features to bf16 alone moves it by a few percent against the float64 "
+                         "reference; ViM computes in float64, the loss is in the input",
 }
 
 
@@ -243,8 +247,12 @@ def _loader(x, y=None, batch_size=8):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+#: Model-level settings for the 48-sample fit set: banks smaller than the official defaults' k / K.
+SMALL_FIT = {"knn": {"k": 5}, "nnguide": {"K": 5, "alpha": 1.0}}
+
+
 def _fit(name, model, x, y):
-    return ood.create_score(name).fit(model, _loader(x, y))
+    return ood.create_score(name, **SMALL_FIT.get(name, {})).fit(model, _loader(x, y))
 
 
 def model_cases() -> list:
@@ -282,6 +290,10 @@ def model_cases() -> list:
 def test_score_model_level(name: str, case: Case) -> None:
     model = TinyNet().eval()
     x_fit, y_fit = _train_data()
+    try:  # a score that cannot run on this model says why (the evaluator records that as a skip)
+        _fit(name, model, x_fit, y_fit)
+    except ScoreNotApplicable as err:
+        pytest.skip(f"{name} does not apply to the untrained tiny model: {err}")
 
     def run_with(m, dt):
         def run(x, fit_y):
@@ -305,16 +317,39 @@ def test_score_model_level(name: str, case: Case) -> None:
     check_case(case, run_with(model, torch.float32), run_ref)
 
 
+#: A fixed linear classifier (C, D) for the scores computed from (features, logits).
+W_LIN = 3 * torch.eye(C, D, dtype=torch.float64) + 0.1 * torch.randn(C, D, generator=_gen(9), dtype=torch.float64)
+B_LIN = torch.randn(C, generator=_gen(10), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
 def _fitted_score(name: str):
     """A score of ``name`` ready for tensor-level use (``score_logits`` or ``score_features``)."""
     score = ood.create_score(name)
     if hasattr(score, "score_features"):
         g = _gen(8)
-        y = torch.arange(40) % C
-        f = torch.randn(C, D, generator=g, dtype=torch.float64)[y] + torch.randn(40, D, generator=g,
-                                                                                  dtype=torch.float64)
-        score.fit_features(f, y, C)
+        if isinstance(score, FeatureScore):  # a bank large enough for KNN's k and NNGuide's K
+            y = torch.arange(12000) % C
+            f = (3 * W_LIN[y] + torch.randn(12000, D, generator=g, dtype=torch.float64)).abs()
+            kw = {"val_features": f, "val_logits": f @ W_LIN.T + B_LIN} if score.uses_val else {}
+            score.fit_features(f, f @ W_LIN.T + B_LIN, y, Classifier.from_linear(W_LIN, B_LIN), **kw)
+        else:
+            y = torch.arange(40) % C
+            f = torch.randn(C, D, generator=g, dtype=torch.float64)[y] + torch.randn(40, D, generator=g,
+                                                                                      dtype=torch.float64)
+            score.fit_features(f, y, C)
     return score
+
+
+def _feature_score_fn(score):
+    """``x -> score_features(x, logits of x)`` with the fitted linear classifier."""
+    def fn(x):
+        if x.device.type != "cpu" or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != D:
+            logits = x.new_zeros((x.shape[0] if x.dim() else 0, C), dtype=torch.float32)
+        else:
+            logits = (x.double() @ W_LIN.T + B_LIN).to(x.dtype)
+        return score.score_features(x, logits)
+    return fn
 
 
 def score_tensor_cases() -> list:
@@ -327,9 +362,12 @@ def score_tensor_cases() -> list:
 @pytest.mark.parametrize("case", score_tensor_cases(), ids=lambda c: c.name)
 @pytest.mark.parametrize("name", ood.list_scores())
 def test_score_tensor_level(name: str, case: Case) -> None:
+    _known(name, case)
     score = _fitted_score(name)
     if hasattr(score, "score_logits"):
         fn, arg = score.score_logits, "logits"
+    elif isinstance(score, FeatureScore):
+        fn, arg = _feature_score_fn(score), "features"
     elif hasattr(score, "score_features"):
         fn, arg = score.score_features, "features"
     else:

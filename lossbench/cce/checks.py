@@ -99,7 +99,7 @@ def _check_target(target: Tensor, lead: Tuple[int, ...], V: int, ignore_index: i
         raise TypeError("target must hold integer class indices (any integer dtype), "
                         f"got dtype {target.dtype}")
     if tuple(target.shape) != tuple(lead):
-        raise ValueError(f"target must have shape {tuple(lead)} (features' leading dims), "
+        raise ValueError(f"target must have shape {tuple(lead)} (features' leading dims: the batch size), "
                          f"got {tuple(target.shape)}")
     if checks_enabled() and target.numel():
         t = target.long()

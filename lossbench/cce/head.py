@@ -75,7 +75,11 @@ class CutCrossEntropyHead(Head):
         return z
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        """Training loss; an empty batch is a ``ValueError`` as for every lossbench loss
+        (:func:`lossbench.linear_cross_entropy` itself follows ``F.cross_entropy``: NaN for ``'mean'``)."""
         self.check_features(features)
+        if features.shape[0] == 0:
+            raise ValueError("features is an empty batch (0 rows); expected at least one sample")
         if features.dtype != self.weight.dtype:
             # Under autocast the backbone hands over bf16/fp16 features while the head's weights stay
             # float32; the loss accumulates in float32 anyway, so compute it in the weights' dtype.

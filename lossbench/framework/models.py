@@ -76,6 +76,15 @@ def create_backbone(name: str, in_chans: int = 3, pretrained: bool = False,
     return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
 
 
+def penultimate_width(backbone: nn.Module) -> int:
+    """Width of the features ``backbone(x)`` returns with ``num_classes=0``.
+
+    timm's ``head_hidden_size`` where a pre-logits layer follows the stages (MobileNetV3's
+    ``conv_head``, MambaOut's MLP), else ``num_features`` (the last stage's channels).
+    """
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 def create_model(model_name: str, num_classes: int, loss: str = "ce",
                  loss_args: Optional[Dict[str, Any]] = None, in_chans: int = 3,
                  pretrained: bool = False, pretrained_file: Optional[str] = None,
@@ -87,5 +96,5 @@ def create_model(model_name: str, num_classes: int, loss: str = "ce",
     backbone = create_backbone(model_name, in_chans, pretrained, pretrained_file, **backbone_kwargs)
     if small_stem:
         use_small_stem(backbone)
-    head = build_head(loss, num_classes=num_classes, in_features=backbone.num_features, **(loss_args or {}))
+    head = build_head(loss, num_classes=num_classes, in_features=penultimate_width(backbone), **(loss_args or {}))
     return Classifier(backbone, head)

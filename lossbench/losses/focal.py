@@ -42,7 +42,7 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, schedule: Opt
     Shapes: logits ``(N, C)``, target ``(N,)`` -> scalar, or ``(N,)`` with ``'none'``.
     """
     check_reduction(reduction)
-    check_logits_target(logits, target)
+    target = check_logits_target(logits, target)
     if schedule not in GAMMA_SCHEDULES:
         raise ValueError(f"schedule must be one of {GAMMA_SCHEDULES}, got {schedule!r}")
     z = logits.to(compute_dtype(logits))

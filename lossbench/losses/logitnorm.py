@@ -51,7 +51,7 @@ class LogitNormLoss(LogitLoss):
         self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_target(logits, target)
+        target = check_logits_target(logits, target)
         return F.cross_entropy(logit_norm(logits, self.tau, self.eps), target, reduction=self.reduction)
 
     def extra_repr(self) -> str:

@@ -210,13 +210,19 @@ class FeatureScore(OODScore):
         return self.fit_data(train, resolve_classifier(model, train), val)
 
     def fit_data(self, train: FeatureData, classifier: Optional[Classifier], val: Optional[FeatureData] = None) -> "FeatureScore":
-        """``fit_features`` from collected :class:`FeatureData` (validation data only where ``uses_val``)."""
+        """``fit_features`` from collected :class:`FeatureData` (validation data only where ``uses_val``).
+
+        The training feature width is recorded (``width_``), so scoring features of another width is
+        an error even for a score whose formula ignores the features (a mismatched model).
+        """
         kw: dict = {}
         train = train.float64()
         if self.uses_val and val is not None:
             val = val.float64()
             kw = {"val_features": val.features, "val_logits": val.logits}
-        return self.fit_features(train.features, train.logits, train.labels, classifier, **kw)
+        self.fit_features(train.features, train.logits, train.labels, classifier, **kw)
+        self.width_ = int(train.features.shape[1])
+        return self
 
     @abc.abstractmethod
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
@@ -231,6 +237,9 @@ class FeatureScore(OODScore):
         """``(N,)`` float64 scores from features ``(N, D)`` and logits ``(N, C)``; higher = in-distribution."""
         self._check_fitted()
         features, logits = check_pair(features, logits)
+        self._check_width(features)
+        if features.shape[0] == 0:  # scoring no samples is well defined: an empty result
+            return torch.empty(0, dtype=torch.float64)
         out = self._score_features(features, logits).detach().to("cpu", torch.float64)
         bad = int((~torch.isfinite(out)).sum())
         if bad:

@@ -51,7 +51,8 @@ class KLMatching(FeatureScore):
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], val_features: Optional[Tensor] = None,
                      val_logits: Optional[Tensor] = None, **kw: Any) -> "KLMatching":
-        _, z = check_pair(train_features, train_logits, "train")
+        f, z = check_pair(train_features, train_logits, "train")
+        self.width_ = int(f.shape[1])
         if self.source == "val" and val_logits is None:
             raise ScoreNotApplicable("kl_matching with source='val' needs ID validation data (val_loader)")
         use_val = val_logits is not None and self.source in ("auto", "val")

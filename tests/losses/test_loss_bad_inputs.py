@@ -132,12 +132,7 @@ def test_nbc_gradient_is_bounded_at_a_zero_class_centre():
 
 
 # -- 9. one dtype rule everywhere: int targets converted, low-precision inputs in float32 -------
-CCE_INT_TARGET = pytest.mark.xfail(
-    reason="cut cross-entropy's C++ kernel requires int64 targets (RuntimeError 'target must be int64'); "
-           "lossbench/cce is being rewritten separately", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=CCE_INT_TARGET) if n == "cce" else n for n in list_losses()])
+@pytest.mark.parametrize("name", list_losses())
 @pytest.mark.parametrize("tdtype", [torch.int32, torch.int16, torch.uint8])
 def test_any_integer_target_dtype_matches_long(name, tdtype):
     torch.manual_seed(0)
