@@ -117,34 +117,51 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     _fit_all(objs, model, fit_loader, val_loader, passes, skipped, bar)
     active = {n: s for n, s in objs.items() if n not in skipped}
 
-    pairs: Dict[str, Dict[str, tuple]] = {}
-    shared = [n for n, s in active.items() if s.needs in ("logits", "features")]
-    if shared:
-        if any(active[n].needs == "features" for n in shared) or feature_cache is not None:
-            id_d = passes.get(id_loader, "id set")
-            ood_d = {k: passes.get(v, f"{k} set") for k, v in ood_loaders.items()}
-        else:
-            id_d = FeatureData(None, _logits(model, id_loader, "id set"))
-            ood_d = {k: FeatureData(None, _logits(model, v, f"{k} set")) for k, v in ood_loaders.items()}
-        for n in shared:
-            bar.set_postfix_str(f"score {n}")
-            s = active[n]
-            fn = s.score_logits if s.needs == "logits" else s.score_features
-            args = (lambda d: (d.float64().logits,)) if s.needs == "logits" else (
-                lambda d: (d.float64().features, d.float64().logits))
-            try:
-                s_in = fn(*args(id_d))
-                pairs[n] = {k: (s_in, fn(*args(d))) for k, d in ood_d.items()}
-            except ScoreNotApplicable as err:
-                skipped[n] = str(err)
-            bar.update()
+    pairs = _shared_pass_scores(active, model, id_loader, ood_loaders, passes, feature_cache, skipped, bar)
     for n, s in active.items():
         if n not in pairs and n not in skipped:
             bar.set_postfix_str(f"score {n}")
             pairs[n] = s.evaluate(model, id_loader, ood_loaders)
             bar.update()
     bar.close()
+    results, raw = _measure(objs, pairs, skipped, convention)
+    info = {n: dict(s.info(), **({"skipped": skipped[n]} if n in skipped else {})) for n, s in objs.items()}
+    return {"convention": convention, "results": results, "scores": raw, "info": info,
+            "skipped": dict(skipped), "feature_passes": passes.passes}
 
+
+def _shared_pass_scores(active: Mapping[str, OODScore], model: nn.Module, id_loader: Iterable,
+                        ood_loaders: Mapping[str, Iterable], passes: "FeaturePasses", feature_cache: Optional[Any],
+                        skipped: Dict[str, str], bar) -> Dict[str, Dict[str, tuple]]:
+    """``{score: {ood_set: (s_in, s_out)}}`` of the logit and feature scores, from one pass per loader."""
+    pairs: Dict[str, Dict[str, tuple]] = {}
+    shared = [n for n, s in active.items() if s.needs in ("logits", "features")]
+    if not shared:
+        return pairs
+    if any(active[n].needs == "features" for n in shared) or feature_cache is not None:
+        id_d = passes.get(id_loader, "id set")
+        ood_d = {k: passes.get(v, f"{k} set") for k, v in ood_loaders.items()}
+    else:
+        id_d = FeatureData(None, _logits(model, id_loader, "id set"))
+        ood_d = {k: FeatureData(None, _logits(model, v, f"{k} set")) for k, v in ood_loaders.items()}
+    for n in shared:
+        bar.set_postfix_str(f"score {n}")
+        s = active[n]
+        fn = s.score_logits if s.needs == "logits" else s.score_features
+        args = (lambda d: (d.float64().logits,)) if s.needs == "logits" else (
+            lambda d: (d.float64().features, d.float64().logits))
+        try:
+            s_in = fn(*args(id_d))
+            pairs[n] = {k: (s_in, fn(*args(d))) for k, d in ood_d.items()}
+        except ScoreNotApplicable as err:
+            skipped[n] = str(err)
+        bar.update()
+    return pairs
+
+
+def _measure(objs: Mapping[str, OODScore], pairs: Mapping[str, Mapping[str, tuple]], skipped: Mapping[str, str],
+             convention: str):
+    """Metrics and raw scores ``{score: {ood_set: ...}}`` of every score that ran."""
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     raw: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
     for n in objs:
@@ -158,6 +175,4 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
             results[n][set_name] = ood_metrics(s_in, s_out, convention)
             if note is not None:
                 results[n][set_name]["protocol"] = note
-    info = {n: dict(s.info(), **({"skipped": skipped[n]} if n in skipped else {})) for n, s in objs.items()}
-    return {"convention": convention, "results": results, "scores": raw, "info": info,
-            "skipped": dict(skipped), "feature_passes": passes.passes}
+    return results, raw

@@ -23,7 +23,8 @@ from ood import evaluate_ood, list_scores
 from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
 
 from ..framework.builders import classification_metrics, load_run, make_loader, predict
-from ..framework.data import DataBundle, get_ood_dataset
+from ..framework.data import DataBundle
+from ..framework.ood_sets import get_ood_dataset
 from ..framework.io import atomic_write_json, atomic_write_text
 from .embedding import embedding_quality, predict_with_features
 from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc

@@ -8,7 +8,8 @@ from .augment import AugmentSpec, BatchAugment
 from .builders import classification_metrics, load_run, make_loader, predict
 from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from .config import ConfigError, parse_args
-from .data import DataBundle, DatasetNotFoundError, get_data, get_ood_dataset
+from .data import DataBundle, DatasetNotFoundError, get_data
+from .ood_sets import get_ood_dataset
 from .image_cache import DecodedImages, decode_image_folder
 from .mixup import SOFT_TARGET_LOSSES
 from .models import Classifier, create_model

@@ -43,7 +43,9 @@ def _json_dict(text: str) -> Dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of ``train.py``; the defaults train resnet18 on the embedded digits set."""
+    """The options of ``train.py``; the defaults train resnet18 on the embedded digits set.
+
+    One function on purpose: it is the single list of options (grouped as in ``--help``)."""
     p = argparse.ArgumentParser(
         description="Train a timm backbone with a lossbench loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,15 +23,15 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..errors import UnknownNameError, UserInputError
+from ..errors import UnknownNameError
 from .augment import NO_AUGMENT, AugmentSpec
 from .image_cache import DecodedImages, decode_image_folder
-from .images import NOISE_SETS, ImageSpec, LabeledTransform, NoiseDataset
+from .images import ImageSpec, LabeledTransform, NoiseDataset
+from .sources import TORCHVISION_SETS, DatasetNotFoundError, _image_folder, _targets, _torchvision_split
 
 __all__ = ["DataBundle", "DatasetNotFoundError", "ImageSpec", "LabeledTransform", "NoiseDataset", "get_data",
-           "get_ood_dataset", "native_channels", "default_data_root"]
+           "native_channels", "default_data_root"]
 
-TORCHVISION_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn")
 DATASET_NAMES = ("digits",) + TORCHVISION_SETS + ("imagefolder:<path>",)
 
 # Per-data-set normalisation (mean, std per channel) and native channels.
@@ -45,19 +44,6 @@ _STATS: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...], int]] = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 3),
     "imagefolder": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 3),
 }
-
-# How to obtain each torchvision set when its files are absent.
-_HOW_TO_GET = {
-    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-    "fashionmnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-    "cifar100": "cifar-100-python/{train,test,meta}",
-    "svhn": "{train,test}_32x32.mat",
-}
-
-
-class DatasetNotFoundError(UserInputError, FileNotFoundError):
-    """A data set's files are not under the given root."""
 
 
 @dataclass
@@ -157,59 +143,6 @@ def _check_id_classes(id_classes: Sequence[int], n: int) -> None:
     bad = [c for c in id_classes if not 0 <= int(c) < n]
     if bad:
         raise ValueError(f"id_classes must lie in [0, {n}), got {bad}")
-
-
-def _torchvision_split(name: str, root: str, train: bool, download: bool):
-    from torchvision import datasets as D
-
-    try:
-        if name == "mnist":
-            return D.MNIST(root, train=train, download=download)
-        if name == "fashionmnist":
-            return D.FashionMNIST(root, train=train, download=download)
-        if name == "cifar10":
-            return D.CIFAR10(root, train=train, download=download)
-        if name == "cifar100":
-            return D.CIFAR100(root, train=train, download=download)
-        return D.SVHN(root, split="train" if train else "test", download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found ..." / integrity errors
-        raise DatasetNotFoundError(
-            f"data set {name!r} was not found under data_root={str(root)!r}: looked for "
-            f"{os.path.join(str(root), _HOW_TO_GET[name])}. Put the original files there, pass "
-            f"--data-root to where they are, or add --download to fetch them with torchvision "
-            f"(needs internet). ({err})"
-        ) from None
-
-
-def _targets(ds) -> np.ndarray:
-    for attr in ("targets", "labels"):
-        if hasattr(ds, attr):
-            return np.asarray(getattr(ds, attr), dtype=np.int64)
-    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
-
-
-def _image_folder(path: str, test_folder: Optional[str] = None):
-    from torchvision.datasets import ImageFolder
-
-    p = Path(path)
-    if not p.is_dir():
-        raise DatasetNotFoundError(
-            f"imagefolder path {path!r} is not a directory; expected <path>/<class>/<image> or "
-            f"<path>/train/<class>/<image> and <path>/test/<class>/<image>"
-        )
-    if test_folder is not None and not Path(test_folder).is_dir():
-        raise DatasetNotFoundError(f"test_folder {test_folder!r} is not a directory of <class>/<image> folders")
-    if (p / "train").is_dir():
-        train = ImageFolder(str(p / "train"))
-        test = ImageFolder(str(p / "test")) if (p / "test").is_dir() else None
-    else:
-        train, test = ImageFolder(str(p)), None
-    if test_folder is not None:
-        test = ImageFolder(str(test_folder))
-        if test.classes != train.classes:
-            raise ValueError(f"test_folder {test_folder!r} has classes {test.classes}, the training folder "
-                             f"{path!r} has {train.classes}; they must be the same")
-    return train, test
 
 
 def _decoded(folder, spec: ImageSpec, cache_dir: Optional[str]) -> DecodedImages:
@@ -350,40 +283,3 @@ def _classes(ds) -> List[str]:
     if hasattr(ds, "classes"):
         return [str(c) for c in ds.classes]
     return [str(c) for c in sorted(set(_targets(ds).tolist()))]
-
-
-def get_ood_dataset(name: str, bundle: DataBundle, root: Optional[str] = None, n_noise: int = 1000,
-                    seed: int = 0, download: bool = False, max_samples: Optional[int] = None) -> Dataset:
-    """An OOD set for a model trained on ``bundle``: ``heldout``, ``gaussian``, ``uniform``, or another
-    data set by name (its test split, or all of an ImageFolder), brought to ``bundle.spec``.
-
-    ``max_samples`` takes a deterministic random subset (seeded) of a large set.
-    """
-    key = str(name).lower()
-    if key == "heldout":
-        if "heldout" not in bundle.ood:
-            raise ValueError(
-                f"OOD set 'heldout' needs held-out classes; data set {bundle.name!r} has none "
-                f"(pass id_classes / --id-classes)"
-            )
-        ds = bundle.ood["heldout"]
-    elif key in NOISE_SETS:
-        ds = NoiseDataset(key, n_noise, bundle.spec, seed)
-    elif key in TORCHVISION_SETS:
-        ds = LabeledTransform(_torchvision_split(key, root or default_data_root(), False, download),
-                              bundle.spec.transform(), label_map={})
-    elif key.startswith("imagefolder:"):
-        train_base, test_base = _image_folder(name.split(":", 1)[1])
-        ds = LabeledTransform(test_base if test_base is not None else train_base,
-                              bundle.spec.transform(), label_map={})
-    elif key == "digits":
-        raise ValueError("'digits' as an OOD set is not supported; use heldout classes instead")
-    else:
-        raise ValueError(
-            f"unknown OOD set name {name!r}; expected 'heldout', 'gaussian', 'uniform', one of "
-            f"{list(TORCHVISION_SETS)} or 'imagefolder:<path>'"
-        )
-    if max_samples is not None and len(ds) > max_samples:
-        g = torch.Generator().manual_seed(seed)
-        ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_samples].sort().values.tolist())
-    return ds

@@ -24,7 +24,7 @@ from .builders import (build_model, build_optimizer, build_scheduler, classifica
                        make_loader, predict)
 from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from .config import to_dict
-from .data import get_ood_dataset
+from .ood_sets import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
 from .io import atomic_write_text, remove_stale_temp_files
 from .augment import BatchAugment

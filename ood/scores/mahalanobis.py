@@ -1,5 +1,8 @@
 """Mahalanobis score (Lee et al. 2018), the full method: multi-layer, pre-processed, combined.
 
+One file on purpose: the Gaussians, the pre-processing, the FGSM validation samples and the three
+protocols are one algorithm whose parts share the fitted state.
+
 Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
 Adversarial Attacks", NeurIPS 2018; official code pokaxpoka/deep_Mahalanobis_detector
 (``lib_generation.py``: ``sample_estimator``, ``get_Mahalanobis_score``; ``regression_Mahalanobis.py``).

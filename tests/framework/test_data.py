@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lossbench.framework.data import DatasetNotFoundError, get_data, get_ood_dataset
+from lossbench.framework.data import DatasetNotFoundError, get_data
+from lossbench.framework.ood_sets import get_ood_dataset
 
 
 def _rows(ds):

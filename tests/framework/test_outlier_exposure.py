@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lossbench.framework.config import parse_args
-from lossbench.framework.data import get_ood_dataset
+from lossbench.framework.ood_sets import get_ood_dataset
 from lossbench.framework.builders import make_loader, predict
 from lossbench.framework.trainer import Trainer
 from ood import ood_metrics
