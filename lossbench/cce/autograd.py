@@ -31,6 +31,15 @@ def _mean_logit_order(E: Tensor, C: Tensor, b: Optional[Tensor], piece: int) -> 
     return torch.argsort(score, descending=True)
 
 
+def _reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
+    """Per-row losses reduced as ``reduction``: ``'mean'`` divides the sum by ``denom`` (the weight sum)."""
+    if reduction == "mean":
+        return rows.sum() / denom
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
 def _record(stats: Optional[dict], skipped: int, blocks: int, ntiles: int) -> None:
     if stats is not None:
         stats["tiles_skipped"] = stats.get("tiles_skipped", 0) + int(skipped)
@@ -114,12 +123,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if eager:
             _record(cfg["stats"], skipped, -(-features.shape[0] // cfg["block_rows"]),
                     -(-V // cfg["chunk_size"]))
-        if cfg["reduction"] == "mean":
-            loss = loss_rows.sum() / denom
-        elif cfg["reduction"] == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows
+        loss = _reduce_rows(loss_rows, cfg["reduction"], denom)
         ctx.cfg = cfg
         ctx.mode = "eager" if eager else "recompute"
         ctx.grads = [dE, dC, db if bias is not None else None] if eager else None

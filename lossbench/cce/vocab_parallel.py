@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..validation import compute_dtype
-from .autograd import _record, _row_scales
+from .autograd import _record, _reduce_rows, _row_scales
 from .dispatch import _run
 from .threads import _load_aware_threads
 
@@ -73,12 +73,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # out-of-range targets (value checks off): a NaN row, never a silently skipped one
         rows = torch.where(~ignore & ~valid, torch.full_like(rows, float("nan")), rows)
         denom = wy.sum()
-        if cfg["reduction"] == "mean":
-            loss = rows.sum() / denom
-        elif cfg["reduction"] == "sum":
-            loss = rows.sum()
-        else:
-            loss = rows
+        loss = _reduce_rows(rows, cfg["reduction"], denom)
         ctx.cfg = cfg
         ctx.save_for_backward(features, weight, bias, tl, class_weight, valid, local, wy, lse,
                               denom)
