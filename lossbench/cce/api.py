@@ -92,7 +92,8 @@ def _global_vocab(V_local: int, process_group: Any, label_smoothing: float,
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group given but torch.distributed is not initialized")
     if label_smoothing > 0:
-        raise NotImplementedError("label_smoothing is not supported with process_group")
+        raise ValueError(f"label_smoothing={label_smoothing} cannot be combined with process_group: the "
+                         "vocab-parallel path computes plain cross-entropy only; pass label_smoothing=0.0")
     return _shard_offset(V_local, process_group, device)
 
 
@@ -161,7 +162,8 @@ def linear_cross_entropy(
         filter_eps: 'auto' (``finfo(features.dtype).eps / 32``), a float, or None (no filtering).
         sort_vocab: order the filter's tiles by batch-mean logit (default: when filtering).
         accum_c_fp32: accumulate dC across row blocks in float32 for bf16/fp16 inputs.
-        process_group: a ``torch.distributed`` group over which ``weight`` is sharded by rows.
+        process_group: a ``torch.distributed`` group over which ``weight`` is sharded by rows
+            (plain cross-entropy: ``label_smoothing > 0`` and double backward are refused with an error).
         stats: a dict that receives ``tiles_skipped`` / ``tiles_total`` of the gradient pass.
         impl: 'auto' (the compiled extension when available, else 'torch'), 'ext' or 'torch'.
 

@@ -68,3 +68,20 @@ def test_ignore_index_rows_may_hold_any_value():
     out = linear_cross_entropy(E, C, t, b, ignore_index=7, impl="torch")
     ref = torch.nn.functional.cross_entropy(E @ C.t() + b, t, ignore_index=7)
     torch.testing.assert_close(out, ref)
+
+
+def test_vocab_parallel_refuses_label_smoothing(tmp_path):
+    """process_group computes plain cross-entropy; label smoothing there is a clear error, not a number."""
+    import torch.distributed as dist
+
+    from lossbench import linear_cross_entropy
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        e, c, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+        with pytest.raises(ValueError, match="label_smoothing=0.1 cannot be combined with process_group"):
+            linear_cross_entropy(e, c, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+        ref = torch.nn.functional.cross_entropy(e @ c.T, t)
+        torch.testing.assert_close(linear_cross_entropy(e, c, t, process_group=dist.group.WORLD), ref)
+    finally:
+        dist.destroy_process_group()
