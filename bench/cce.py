@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=None, help="timed runs after a warm-up")
     parser.add_argument("--quick", action="store_true", help="small, one timed run")
-    parser.add_argument("--suite", action="store_true", help="the README's tables (< 15 min)")
+    parser.add_argument("--suite", action="store_true", help="the README's tables (about 15 min on a quiet 2-core CPU)")
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -316,16 +316,14 @@ def main() -> None:
           f"float32 GEMM rate {rate / 1e9:.0f} GFLOP/s; load average {load:.1f}; "
           f"{os.cpu_count()} CPUs\n", flush=True)
     if args.suite:
-        # Sized to finish in under 15 minutes on a shared 2-core CPU (N = 4096, one V).
+        # The shapes: N = 8192, D = 512, V in {32768, 131072}; about 15 minutes on a quiet 2-core CPU.
         alts = ALTERNATIVES
-        timeout = min(args.timeout, 150)
-        table(4096, args.d, 32768, args.device, reps, timeout, "dense", "float32",
-              ["lossbench ext"] + alts, rate)
-        table(4096, args.d, 32768, args.device, reps, timeout, "peaked", "float32",
-              ["lossbench ext", "lossbench ext unsorted"] + alts, rate)
+        timeout = min(args.timeout, 300)
+        for kind, ours in (("dense", ["lossbench ext"]), ("peaked", ["lossbench ext", "lossbench ext unsorted"])):
+            for v in (32768, 131072):
+                table(8192, args.d, v, args.device, reps, timeout, kind, "float32", ours + alts, rate)
         for v in (8192, 32768, 131072):
-            table(2048, args.d, v, args.device, reps, timeout, "dense", "bfloat16",
-                  ["lossbench ext"], rate)
+            table(8192, args.d, v, args.device, reps, timeout, "dense", "bfloat16", ["lossbench ext"], rate)
         bound_check(1024, args.d, 32768)
         bound_check(1024, args.d, 32768, rows=64)
         return

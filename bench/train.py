@@ -165,9 +165,9 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown variants {bad}; expected some of {VARIANTS}")
     ref_trainer = Trainer(parse_args(base))
-    results = {}
+    all_runs: dict = {}  # a variant named twice (bare,ours,bare,ours) pools its runs: alternating cancels drift
     for v in variants:
-        runs = []
+        runs = all_runs.setdefault(v, [])
         for _ in range(a.repeats):
             if v == "bare" and a.case == "cifar-aug":
                 runs.append(bare_augmented_loop(ref_trainer, a.steps, a.warmup))
@@ -180,12 +180,12 @@ def main() -> None:
                 if "compile" in v:
                     extra.append("--compile")
                 runs.append(ours(base, a.steps, a.warmup, extra))
-        results[v] = statistics.median(runs)
-        print(f"  {v}: {results[v]:.1f} img/s (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+        print(f"  {v}: runs so far {', '.join(f'{r:.1f}' for r in runs)} img/s", flush=True)
+    results = {v: statistics.median(runs) for v, runs in all_runs.items()}
     ref = results.get("bare")
     print(f"\ncase {a.case}, model {a.model}{' (small stem)' if a.small_stem else ''}, data {a.data} "
           f"{a.img_size}x{a.img_size}, batch {a.batch_size}, "
-          f"{a.steps} timed steps after {a.warmup} warm-up, median of {a.repeats}, torch {torch.__version__}, "
+          f"{a.steps} timed steps after {a.warmup} warm-up, median of {len(next(iter(all_runs.values())))} runs per variant, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print("| variant | images/s | vs bare loop |")
     print("|---|---:|---:|")

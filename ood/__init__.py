@@ -6,11 +6,12 @@ Convention everywhere: **a higher score means more in-distribution**. Every scor
 float64, plus tensor-level twins (``score_logits``; ``fit_features`` / ``score_features``).
 """
 
-from .evaluate import evaluate_ood
+from .evaluate import FeaturePasses, evaluate_ood
 from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, list_scores, register_score
+from .search import grid_of, grid_points, group_means, search_score
 from .calibration import (
     TemperatureScaling, adaptive_calibration_error, brier_score, calibration_metrics, classwise_calibration_error,
     expected_calibration_error, fit_temperature, maximum_calibration_error, negative_log_likelihood,
@@ -25,8 +26,8 @@ from .scores import (
 )
 
 __all__ = [
-    "evaluate_ood", "ood_metrics", "CONVENTIONS", "FeatureCache",
-    "create_score", "list_scores", "register_score",
+    "evaluate_ood", "FeaturePasses", "ood_metrics", "CONVENTIONS", "FeatureCache",
+    "create_score", "list_scores", "register_score", "grid_of", "grid_points", "group_means", "search_score",
     "expected_calibration_error", "adaptive_calibration_error", "classwise_calibration_error",
     "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",
     "reliability_bins", "TemperatureScaling", "fit_temperature",

@@ -10,8 +10,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .metrics import CONVENTIONS, ood_metrics
-from .registry import create_score
+from .registry import create_score, get_score_class
 from .scores.base import OODScore, batches, eval_mode, model_device
+from .search import check_groups, group_means, search_score
 from .scores.feature_base import FeatureData, ScoreNotApplicable, collect_features, resolve_classifier
 
 
@@ -26,7 +27,8 @@ def _logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
 
 
 def _check_request(ood_loaders: Mapping[str, Iterable], scores: Sequence[str], convention: str,
-                   score_kwargs: Mapping[str, Any]) -> None:
+                   score_kwargs: Mapping[str, Any], search: bool, val_loader: Optional[Iterable],
+                   val_ood_loader: Optional[Iterable]) -> None:
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if not isinstance(ood_loaders, Mapping) or not ood_loaders:
@@ -36,6 +38,11 @@ def _check_request(ood_loaders: Mapping[str, Iterable], scores: Sequence[str], c
     unknown = sorted(set(score_kwargs) - set(scores))
     if unknown:
         raise ValueError(f"score_kwargs names scores not requested: {unknown}; requested {list(scores)}")
+    if search and (val_loader is None or val_ood_loader is None):
+        raise ValueError("search=True needs val_loader (ID validation data) and val_ood_loader (the validation "
+                         "OOD set); the test sets are never used for the search")
+    if val_ood_loader is not None and any(val_ood_loader is v for v in ood_loaders.values()):
+        raise ValueError("val_ood_loader is also one of ood_loaders; the validation OOD set must not be a test set")
 
 
 class FeaturePasses:
@@ -72,6 +79,8 @@ def _fit_all(objs: Mapping[str, OODScore], model: nn.Module, fit_loader: Iterabl
         wants_val = val_loader is not None and any(getattr(objs[n], "uses_val", False) for n in feature_names)
         val = passes.get(val_loader, "val loader") if wants_val else None
     for n, s in objs.items():
+        if n in skipped:  # the search found no runnable grid point
+            continue
         bar.set_postfix_str(f"fit {n}")
         try:
             if s.needs == "features":
@@ -83,11 +92,50 @@ def _fit_all(objs: Mapping[str, OODScore], model: nn.Module, fit_loader: Iterabl
         bar.update()
 
 
+def _search_all(names: Sequence[str], score_kwargs: Mapping[str, Mapping[str, Any]], model: nn.Module,
+                fit_loader: Iterable, val_loader: Iterable, val_ood_loader: Iterable, passes: FeaturePasses,
+                skipped: Dict[str, str], bar) -> Dict[str, Dict[str, Any]]:
+    """:func:`ood.search.search_score` of every score with a grid, on (ID validation, validation OOD) only."""
+    cached: Dict[str, Any] = {}
+
+    def train_and_classifier():
+        if "train" not in cached:
+            cached["train"] = passes.get(fit_loader, "fit loader")
+            cached["classifier"] = resolve_classifier(model, cached["train"])
+        return cached["train"], cached["classifier"]
+
+    def evaluate_point(s: OODScore):
+        if s.needs in ("features", "logits"):
+            val = passes.get(val_loader, "val loader").float64()
+            vood = passes.get(val_ood_loader, "validation OOD set").float64()
+            if s.needs == "logits":
+                return s.score_logits(val.logits), s.score_logits(vood.logits)
+            train, classifier = train_and_classifier()
+            s.fit_data(train, classifier, val)
+            return s.score_features(val.features, val.logits), s.score_features(vood.features, vood.logits)
+        s.fit(model, fit_loader, val_loader=val_loader)
+        return s.evaluate(model, val_loader, {"val_ood": val_ood_loader})["val_ood"]
+
+    out: Dict[str, Dict[str, Any]] = {}
+    for n in names:
+        bar.set_postfix_str(f"search {n}")
+        try:
+            record = search_score(n, score_kwargs.get(n, {}), evaluate_point)
+        except ScoreNotApplicable as err:
+            skipped[n] = str(err)
+            continue
+        if record is not None:
+            out[n] = record
+    return out
+
+
 def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
                  ood_loaders: Mapping[str, Iterable], scores: Sequence[str] = ("msp", "energy"),
                  score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  convention: str = "paper", val_loader: Optional[Iterable] = None,
-                 progress: bool = False, feature_cache: Optional[Any] = None) -> Dict[str, Any]:
+                 progress: bool = False, feature_cache: Optional[Any] = None,
+                 ood_groups: Optional[Mapping[str, Sequence[str]]] = None, val_ood_loader: Optional[Iterable] = None,
+                 search: bool = False, feature_passes: Optional[FeaturePasses] = None) -> Dict[str, Any]:
     """Fit each score on ``fit_loader``, score ``id_loader`` and every OOD loader, and measure.
 
     One pass per loader (training, validation, ID test, each OOD set) collects (penultimate
@@ -103,21 +151,42 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     non-linear head) is skipped: no results, its reason under ``'skipped'`` and in its ``info``.
     ``progress`` shows a tqdm bar over the scores.
 
+    OpenOOD's protocol (:mod:`ood.search`): ``ood_groups`` (``{'near': [...], 'far': [...]}``, names
+    of ``ood_loaders``) adds each group's mean metrics; ``search=True`` chooses the grid point of every
+    score with a ``GRID`` by AUROC of ``val_loader`` (ID validation) against ``val_ood_loader`` (the
+    validation OOD set, never a test set) before anything touches ``id_loader`` or ``ood_loaders``.
+
     Returns ``{'convention', 'results': {score: {ood_set: metrics}}, 'scores': {score: {ood_set:
     {'id': array, 'ood': array}}}, 'info': {score: settings}, 'skipped': {score: reason},
-    'feature_passes': loaders run for the shared pass}``; higher = in-distribution.
+    'feature_passes': loaders run for the shared pass, 'groups': {group: sets}, 'group_means':
+    {score: {group: metrics}}, 'search': {score: {'chosen', 'val_auroc', 'grid'}}}``; higher =
+    in-distribution. ``feature_passes`` (a :class:`FeaturePasses` of this model, instead of
+    ``feature_cache``) shares passes the caller already ran, e.g. over the ID test split for accuracy.
     """
+    if feature_passes is not None and feature_cache is not None:
+        raise ValueError("give feature_cache or feature_passes (which holds its own cache), not both")
+    if feature_passes is not None and feature_passes.model is not model:
+        raise ValueError("feature_passes was built for another model")
     score_kwargs = dict(score_kwargs or {})
-    _check_request(ood_loaders, scores, convention, score_kwargs)
-    objs: Dict[str, OODScore] = {n: create_score(n, **dict(score_kwargs.get(n, {}))) for n in scores}
+    _check_request(ood_loaders, scores, convention, score_kwargs, search, val_loader, val_ood_loader)
+    groups = check_groups(ood_groups, list(ood_loaders))
+    for n in scores:
+        get_score_class(n)  # unknown names fail before any work
     from tqdm import tqdm
 
-    bar = tqdm(total=2 * len(objs), desc="OOD scores", disable=not progress, leave=False, dynamic_ncols=True)
-    passes, skipped = FeaturePasses(model, feature_cache), {}
+    bar = tqdm(total=(3 if search else 2) * len(scores), desc="OOD scores", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    passes, skipped = feature_passes or FeaturePasses(model, feature_cache), {}
+    searched = _search_all(scores, score_kwargs, model, fit_loader, val_loader, val_ood_loader, passes, skipped,
+                           bar) if search else {}
+    objs: Dict[str, OODScore] = {
+        n: create_score(n, **dict(score_kwargs.get(n, {})), **(searched[n]["chosen"] if n in searched else {}))
+        for n in scores}
     _fit_all(objs, model, fit_loader, val_loader, passes, skipped, bar)
     active = {n: s for n, s in objs.items() if n not in skipped}
 
-    pairs = _shared_pass_scores(active, model, id_loader, ood_loaders, passes, feature_cache, skipped, bar)
+    pairs = _shared_pass_scores(active, model, id_loader, ood_loaders, passes,
+                                feature_cache is not None or feature_passes is not None, skipped, bar)
     for n, s in active.items():
         if n not in pairs and n not in skipped:
             bar.set_postfix_str(f"score {n}")
@@ -126,19 +195,22 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     bar.close()
     results, raw = _measure(objs, pairs, skipped, convention)
     info = {n: dict(s.info(), **({"skipped": skipped[n]} if n in skipped else {})) for n, s in objs.items()}
+    for n, record in searched.items():
+        info[n]["searched"] = record["chosen"]
     return {"convention": convention, "results": results, "scores": raw, "info": info,
-            "skipped": dict(skipped), "feature_passes": passes.passes}
+            "skipped": dict(skipped), "feature_passes": passes.passes, "groups": groups,
+            "group_means": group_means(results, groups), "search": searched}
 
 
 def _shared_pass_scores(active: Mapping[str, OODScore], model: nn.Module, id_loader: Iterable,
-                        ood_loaders: Mapping[str, Iterable], passes: "FeaturePasses", feature_cache: Optional[Any],
+                        ood_loaders: Mapping[str, Iterable], passes: "FeaturePasses", use_passes: bool,
                         skipped: Dict[str, str], bar) -> Dict[str, Dict[str, tuple]]:
     """``{score: {ood_set: (s_in, s_out)}}`` of the logit and feature scores, from one pass per loader."""
     pairs: Dict[str, Dict[str, tuple]] = {}
     shared = [n for n, s in active.items() if s.needs in ("logits", "features")]
     if not shared:
         return pairs
-    if any(active[n].needs == "features" for n in shared) or feature_cache is not None:
+    if any(active[n].needs == "features" for n in shared) or use_passes:
         id_d = passes.get(id_loader, "id set")
         ood_d = {k: passes.get(v, f"{k} set") for k, v in ood_loaders.items()}
     else:

@@ -32,7 +32,7 @@ from .scores.feature_base import FeatureData
 def _update_tensor(h: "hashlib._Hash", name: str, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm counters)
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -16,8 +16,10 @@ conventions, which move FPR@95 by tens of points on the same scores; every resul
   equally near points the one with the most false positives (lowest threshold) wins, as their
   ``fpr_and_fdr_at_recall`` does (``argmin`` over the reversed curve).
 
-``'openood'`` -- OpenOOD v1.5 ``openood/evaluators/metrics.py`` (``auc_and_fpr_recall``) and
-pytorch-ood ``utils.py`` (``OODMetrics``, ``fpr_at_tpr``):
+``'openood'`` -- OpenOOD's ``openood/evaluators/metrics.py`` (``auc_and_fpr_recall``) as it has been
+since August 2023, after its v1.5 tag (at the tag the FPR@95 was the ID-positive one, the share of
+OOD accepted at 95 % ID recall, close to ``'paper'``; OpenOOD's leaderboard FPR numbers changed with
+it), and pytorch-ood ``utils.py`` (``OODMetrics``, ``fpr_at_tpr``):
 
 * OOD is the positive class, scored by the negated scores; ``auroc`` = ``auc(roc_curve)``.
 * ``fpr95``: the share of ID flagged at the *first* ROC point with TPR >= 0.95 (TPR on OOD), no

@@ -13,20 +13,21 @@ fitted on the validation split). :func:`evaluate_checkpoint` rebuilds a saved ru
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 import torch
 
-from ood import evaluate_ood, list_scores
+from ood import FeatureCache, FeaturePasses, evaluate_ood, list_scores
 from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
 
-from ..framework.builders import classification_metrics, load_run, make_loader, predict
+from ..errors import UserInputError
+from ..framework.builders import classification_metrics, load_run, make_loader
 from ..framework.data import DataBundle
 from ..framework.ood_sets import get_ood_dataset
 from ..framework.io import atomic_write_json, atomic_write_text
-from .embedding import embedding_quality, predict_with_features
+from .embedding import embedding_quality
 from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc
 
 DEFAULT_SYNTHETIC = ("gaussian", "uniform")
@@ -69,25 +70,59 @@ def calibration_block(test_logits: torch.Tensor, test_labels: torch.Tensor, val_
                             "after": reliability_bins(scaled, test_labels, n_bins)}}
 
 
-def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequence[str]] = None,
+def split_ood_sets(ood_sets: Union[None, Sequence[str], Mapping[str, Sequence[str]]],
+                   has_heldout: bool) -> Tuple[List[str], Optional[Dict[str, List[str]]]]:
+    """(flat list of OOD set names, groups or ``None``) from a list or a ``{group: [sets]}`` mapping."""
+    if isinstance(ood_sets, Mapping):
+        if not ood_sets:
+            raise UserInputError("ood_sets must name at least one OOD set, got an empty mapping")
+        groups = {}
+        for g, names in ood_sets.items():
+            if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+                raise UserInputError(f"ood_sets[{g!r}] must be a non-empty list of OOD set names, got {names!r}")
+            groups[str(g)] = [str(n) for n in names]
+        flat = [n for names in groups.values() for n in names]
+    else:
+        groups, flat = None, list(ood_sets) if ood_sets else default_ood_sets(has_heldout)
+    dup = sorted({n for n in flat if flat.count(n) > 1})
+    if dup:
+        raise UserInputError(f"ood_sets names {dup} more than once; each OOD set is evaluated once (and in one group)")
+    return flat, groups
+
+
+def evaluate_model(model: nn.Module, bundle: DataBundle,
+                   ood_sets: Union[None, Sequence[str], Mapping[str, Sequence[str]]] = None,
                    scores: Optional[Sequence[str]] = None,
                    score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                    convention: str = "paper", data_root: Optional[str] = None, seed: int = 0,
                    batch_size: int = 256, max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
-                   embedding_distance: Optional[str] = None, progress: bool = False) -> Dict[str, Any]:
+                   embedding_distance: Optional[str] = None, progress: bool = False,
+                   val_ood: Optional[str] = None, search: bool = False,
+                   feature_cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """Accuracy, ECE, (embedding quality) and OOD metrics of ``model`` on ``bundle`` (see module docstring).
 
+    ``ood_sets``: a list of OOD set names, or ``{group: [names]}`` (OpenOOD's near / far; each group's
+    mean is reported too). ``val_ood``: the validation OOD set (never a test set) on which
+    ``search=True`` chooses each score's grid point against the ID validation split
+    (:mod:`ood.search`). ``feature_cache_dir``: keep the shared feature pass of every loader there
+    (:class:`ood.FeatureCache`, keyed by the weights and the data), so a second evaluation of the
+    same run does no forward pass for the feature and logit scores.
     OOD sets are drawn with ``seed`` (noise, subsets of large sets); ``embedding_distance``
     ('cosine' or 'euclidean') adds P@1 / MAP@R of the test features under ``'embedding'``.
     """
     scores = resolve_scores(scores)
-    ood_sets = list(ood_sets) if ood_sets else default_ood_sets("heldout" in bundle.ood)
-    dev = next(model.parameters()).device
-    test_loader = make_loader(bundle.test, batch_size)
-    logits, feats, labels = predict_with_features(model, test_loader, dev)
+    ood_sets, groups = split_ood_sets(ood_sets, "heldout" in bundle.ood)
+    if search and val_ood is None:
+        raise UserInputError("search=True needs val_ood, the validation OOD set the grid search is run on")
+    if val_ood is not None and val_ood in ood_sets:
+        raise UserInputError(f"val_ood {val_ood!r} is also a test OOD set; the validation OOD set must be another set")
+    cache = FeatureCache(feature_cache_dir, model) if feature_cache_dir else None
+    passes = FeaturePasses(model, cache)  # one pass per loader, shared with (and cached for) the OOD scores
+    test_loader, val_loader = make_loader(bundle.test, batch_size), make_loader(bundle.val, batch_size)
+    test_d, val_d = passes.get(test_loader, "test split"), passes.get(val_loader, "validation split")
+    logits, feats, labels = test_d.logits, test_d.features, test_d.labels
     test = dict(classification_metrics(logits, labels), n=int(labels.numel()))
-    val_logits, val_labels = predict(model, make_loader(bundle.val, batch_size), dev)
-    calibration = calibration_block(logits, labels, val_logits, val_labels)
+    calibration = calibration_block(logits, labels, val_d.logits, val_d.labels)
     ood_loaders = {}
     for name in ood_sets:
         ds = get_ood_dataset(name, bundle, root=data_root, n_noise=n_noise, seed=seed, max_samples=max_ood_samples)
@@ -98,29 +133,38 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, ood_sets: Optional[Sequ
     for name in scores:
         if name in PIXEL_STEP_SCORES:
             score_kwargs.setdefault(name, {}).setdefault("input_std", tuple(bundle.spec.std))
+    val_ood_loader = None
+    if val_ood is not None:
+        val_ood_loader = make_loader(get_ood_dataset(val_ood, bundle, root=data_root, n_noise=n_noise, seed=seed,
+                                                     max_samples=max_ood_samples), batch_size)
     ood = evaluate_ood(model, make_loader(bundle.train_eval, batch_size), test_loader, ood_loaders, scores=scores,
-                       score_kwargs=score_kwargs, convention=convention,
-                       val_loader=make_loader(bundle.val, batch_size), progress=progress)
+                       score_kwargs=score_kwargs, convention=convention, val_loader=val_loader, progress=progress,
+                       ood_groups=groups, val_ood_loader=val_ood_loader, search=search, feature_passes=passes)
     result: Dict[str, Any] = {"test": test, "ood_sets": {k: len(v.dataset) for k, v in ood_loaders.items()},
                               "ood": ood, "calibration": calibration}
+    if val_ood_loader is not None:
+        result["val_ood"] = {"name": val_ood, "n": len(val_ood_loader.dataset), "search": bool(search)}
     if embedding_distance is not None:
         result["embedding"] = dict(embedding_quality(feats, labels, embedding_distance),
                                    distance=embedding_distance, n=int(labels.numel()), dim=int(feats.shape[1]))
     return result
 
 
-def evaluate_checkpoint(checkpoint: str, ood_sets: Optional[Sequence[str]] = None,
+def evaluate_checkpoint(checkpoint: str, ood_sets: Union[None, Sequence[str], Mapping[str, Sequence[str]]] = None,
                         scores: Optional[Sequence[str]] = None,
                         score_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
                         convention: str = "paper", data_root: Optional[str] = None,
                         batch_size: int = 256, device: str = "auto",
                         max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
-                        embedding_distance: Optional[str] = None, progress: bool = False) -> Dict[str, Any]:
+                        embedding_distance: Optional[str] = None, progress: bool = False,
+                        val_ood: Optional[str] = None, search: bool = False,
+                        feature_cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """:func:`evaluate_model` on the run saved in ``checkpoint`` (its model, data and seed)."""
     model, args, bundle, state = load_run(checkpoint, device)
     result = evaluate_model(model, bundle, ood_sets, scores, score_kwargs, convention,
                             data_root if data_root is not None else args.data_root, args.seed, batch_size,
-                            max_ood_samples, n_noise, embedding_distance, progress)
+                            max_ood_samples, n_noise, embedding_distance, progress, val_ood=val_ood,
+                            search=search, feature_cache_dir=feature_cache_dir)
     head = {"checkpoint": os.path.abspath(checkpoint), "epoch": int(state["epoch"]), "config": state["config"]}
     return {**head, **result}
 

@@ -19,8 +19,9 @@ from ..framework.io import atomic_save_figure
 CONVENTION_NOTES = {
     "paper": "seed papers' convention: ID positive; FPR@95 = share of OOD accepted at the ROC point "
              "nearest to 95% of ID kept; AUPR = average precision",
-    "openood": "OpenOOD / pytorch-ood convention: OOD positive; FPR@95 = share of ID flagged at the "
-               "first ROC point catching >= 95% of OOD; AUPR by the trapezoid rule",
+    "openood": "OpenOOD (code since Aug 2023, after its v1.5 tag) / pytorch-ood convention: OOD positive; "
+               "FPR@95 = share of ID flagged at the first ROC point catching >= 95% of OOD; AUPR by the "
+               "trapezoid rule",
 }
 
 
@@ -44,10 +45,16 @@ def markdown_table(results: Mapping[str, Any], convention: Optional[str] = None)
     sets = []
     for per_set in table.values():
         sets += [s for s in per_set if s not in sets]
+    full = results if "results" in results and "convention" in results else {}
+    groups = dict(full.get("groups") or {})
+    group_means = full.get("group_means") or {}
     lines = [f"Table: AUROC / FPR@95 (%), higher AUROC and lower FPR@95 are better. "
-             f"Convention `{convention}` ({CONVENTION_NOTES[convention]}).", ""]
-    lines.append("| score | " + " | ".join(sets) + " | mean |")
-    lines.append("|---|" + "---|" * (len(sets) + 1))
+             f"Convention `{convention}` ({CONVENTION_NOTES[convention]})."
+             + ("" if not groups else " Group columns: the mean over the group's sets ("
+                + "; ".join(f"{g}: {', '.join(v)}" for g, v in groups.items()) + ")."), ""]
+    group_cols = [f"{g} mean" for g in groups]
+    lines.append("| score | " + " | ".join(sets + group_cols) + " | mean |")
+    lines.append("|---|" + "---|" * (len(sets) + len(group_cols) + 1))
     for score, per_set in table.items():
         cells, au, fp = [], [], []
         for s in sets:
@@ -58,8 +65,21 @@ def markdown_table(results: Mapping[str, Any], convention: Optional[str] = None)
             au.append(m["auroc"])
             fp.append(m["fpr95"])
             cells.append(f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
+        for g in groups:
+            m = group_means.get(score, {}).get(g)
+            cells.append("-" if m is None else f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
         mean = f"{100 * np.mean(au):.2f} / {100 * np.mean(fp):.2f}" if au else "-"
         lines.append(f"| {score} | " + " | ".join(cells) + f" | {mean} |")
+    for score, reason in (full.get("skipped") or {}).items():
+        lines.append(f"| {score} | skipped: {reason} |" + " |" * (len(sets) + len(group_cols)))
+    searched = full.get("search") or {}
+    if searched:
+        lines += ["", "Hyper-parameters chosen by the grid search (AUROC of ID validation vs the validation OOD "
+                  "set; the test sets are not used):", "", "| score | chosen | validation AUROC | grid points |",
+                  "|---|---|---|---|"]
+        for score, rec in searched.items():
+            chosen = ", ".join(f"{k}={v}" for k, v in rec["chosen"].items())
+            lines.append(f"| {score} | {chosen} | {100 * rec['val_auroc']:.2f} | {len(rec['grid'])} |")
     lines += ["", f"All metrics (%), convention `{convention}`:", "",
               "| score | OOD set | AUROC | AUPR-In | AUPR-Out | FPR@95 | detection error |",
               "|---|---|---|---|---|---|---|"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .feature_base import Classifier, FeatureScore, check_pair, energy
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy
 
 #: OpenOOD's APS grid for ASH (configs/postprocessors/ash.yml).
 ASH_GRID = {"percentile": (65, 70, 75, 80, 85, 90, 95)}
@@ -21,7 +21,7 @@ def keep_count(n: int, percentile: float) -> int:
     """``k = n - round(n * p / 100)`` activations kept (``numpy.round``: half to even, as the official code)."""
     k = n - int(np.round(n * percentile / 100.0))
     if k < 1:
-        raise ValueError(f"percentile {percentile} prunes all {n} activations; expected k = n - round(n p / 100) >= 1")
+        raise ScoreNotApplicable(f"percentile {percentile} prunes all {n} activations; expected k = n - round(n p / 100) >= 1")
     return k
 
 

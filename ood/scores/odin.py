@@ -41,6 +41,9 @@ class ODIN(LogitScore):
     needs = "model"  # differentiates through the input
 
     name = "odin"
+    #: OpenOOD v1.5's search grid (``configs/postprocessors/odin.yml``); the paper's is
+    #: ``ODIN_TEMPERATURES`` x ``ODIN_EPS_GRID``.
+    GRID = {"temperature": (1.0, 10.0, 100.0, 1000.0), "eps": (0.0014, 0.0028)}
 
     def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,
                  input_std: Optional[Sequence[float]] = None):

@@ -51,3 +51,13 @@ def test_cache_needs_model_or_key(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="model_key"):
         FeatureCache(str(tmp_path))
+
+
+def test_fingerprint_covers_zero_dim_buffers():
+    """Regression: a BatchNorm's 0-dim ``num_batches_tracked`` made the fingerprint raise."""
+    from ood.feature_cache import model_fingerprint
+
+    bn = torch.nn.BatchNorm1d(4)
+    before = model_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert model_fingerprint(bn) != before

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -23,7 +23,8 @@ def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
     """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r; from its calibration
     block (when present) ``ece_ts`` (ECE after temperature scaling), ``adaptive_ece``, ``brier``,
     ``nll``, ``nll_ts``, ``temperature``; and per score ``<score>/auroc``, ``<score>/fpr95`` (means
-    over the OOD sets) and ``<score>/<set>/auroc|fpr95``."""
+    over the OOD sets), ``<score>/<set>/auroc|fpr95`` and, with OOD groups,
+    ``<score>/group:<group>/auroc|fpr95`` (the group's mean)."""
     out = {"acc": metrics["test"]["acc"], "ece": metrics["test"]["ece"],
            "p_at_1": metrics["embedding"]["p_at_1"], "map_at_r": metrics["embedding"]["map_at_r"]}
     cal = metrics.get("calibration")
@@ -37,6 +38,10 @@ def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
             out[f"{score}/{key}"] = float(np.mean(vals))
             for set_name, m in per_set.items():
                 out[f"{score}/{set_label(set_name)}/{key}"] = float(m[key])
+    for score, per_group in (metrics["ood"].get("group_means") or {}).items():
+        for group, m in per_group.items():
+            for key in ("auroc", "fpr95"):
+                out[f"{score}/group:{group}/{key}"] = float(m[key])
     return out
 
 
@@ -72,11 +77,22 @@ def failures(cfg: BenchConfig) -> Dict[str, Dict[int, str]]:
 
 
 def summarize(cells: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Dict[str, Dict[str, Any]]:
-    """Per loss: ``n`` seeds, ``seeds``, and ``{metric: (mean, std)}`` over seeds for every cell value."""
+    """Per loss: ``n`` seeds, ``seeds``, ``{metric: (mean, std)}`` over seeds for every cell value,
+    ``skipped`` (``{score: reason}`` of scores skipped in some seed) and ``chosen`` (``{score: [grid point
+    chosen by the search, per seed]}``)."""
     rows: Dict[str, Dict[str, Any]] = {}
     for loss, per_seed in cells.items():
         values = [cell_values(m) for m in per_seed.values()]
         keys = [k for k in values[0] if all(k in v for v in values)]
+        skipped: Dict[str, str] = {}
+        chosen: Dict[str, List[Dict[str, Any]]] = {}
+        for seed in sorted(per_seed):
+            ood = per_seed[seed]["ood"]
+            for score, reason in (ood.get("skipped") or {}).items():
+                skipped.setdefault(score, reason)
+            for score, rec in (ood.get("search") or {}).items():
+                chosen.setdefault(score, []).append(rec["chosen"])
         rows[loss] = {"n": len(values), "seeds": sorted(per_seed),
-                      "stats": {k: mean_std([v[k] for v in values]) for k in keys}}
+                      "stats": {k: mean_std([v[k] for v in values]) for k in keys},
+                      "skipped": skipped, "chosen": chosen}
     return rows

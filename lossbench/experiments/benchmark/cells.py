@@ -16,7 +16,7 @@ from ...framework.config import to_dict
 from ...framework.io import atomic_save_npz, atomic_write_json, read_json
 from ...framework.trainer import Trainer
 from ..evaluate_run import evaluate_model, write_report
-from .schema import BenchConfig, cell_args, eval_settings, expand_ood_sets
+from .schema import BenchConfig, cell_args, eval_ood_sets, eval_settings, eval_val_ood
 
 
 def cell_dir(cfg: BenchConfig, loss: str, seed: int) -> str:
@@ -75,10 +75,12 @@ def evaluate_cell(cfg: BenchConfig, args: argparse.Namespace, last_epoch: int) -
     run_dir = os.path.join(args.output, args.name)
     t0 = time.time()
     model, _, bundle, state = load_run(os.path.join(run_dir, f"{cfg.checkpoint}.pt"), args.device)
-    result = evaluate_model(model, bundle, ood_sets=expand_ood_sets(cfg, args.data_root), scores=cfg.scores,
+    result = evaluate_model(model, bundle, ood_sets=eval_ood_sets(cfg, args.data_root), scores=cfg.scores,
                             score_kwargs=cfg.score_args, convention=cfg.convention, data_root=args.data_root,
                             seed=args.seed, batch_size=cfg.eval_batch_size, max_ood_samples=cfg.max_ood_samples,
-                            n_noise=cfg.n_noise, embedding_distance=cfg.embedding_distance)
+                            n_noise=cfg.n_noise, embedding_distance=cfg.embedding_distance,
+                            val_ood=eval_val_ood(cfg, args.data_root), search=cfg.search,
+                            feature_cache_dir=os.path.join(run_dir, "features"))
     result = {"epoch": int(state["epoch"]), "config": state["config"], **result,
               "cell": {"loss": args.loss, "seed": args.seed}}
     save_scores(os.path.join(run_dir, "scores.npz"), result["ood"]["scores"])

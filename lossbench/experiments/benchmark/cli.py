@@ -12,7 +12,7 @@ from .schema import load_config
 
 
 def build_parser_bench() -> argparse.ArgumentParser:
-    """Options of ``eval.py bench``: the config file and the overrides a quick run needs."""
+    """Options of ``bench.py``: the config file and the overrides a quick run needs."""
     p = argparse.ArgumentParser(
         prog="bench.py", description="Train every (loss, seed), evaluate every OOD score on every "
         "OOD set, and write a leaderboard (finished cells are skipped when run again).")
@@ -36,7 +36,7 @@ def build_parser_bench() -> argparse.ArgumentParser:
 
 
 def overrides_from(ns: argparse.Namespace) -> Dict[str, Any]:
-    """Benchmark-config overrides from parsed ``eval.py bench`` options."""
+    """Benchmark-config overrides from parsed ``bench.py`` options."""
     out: Dict[str, Any] = {}
     for flag, key in (("out", "output"), ("losses", "losses"), ("seeds", "seeds"), ("scores", "scores"),
                       ("ood", "ood_sets")):

@@ -29,7 +29,8 @@ def write_leaderboard(cfg: BenchConfig, plots: bool = True) -> Dict[str, Any]:
              + (f", {args.max_train_samples} training images" if args.max_train_samples else "")
              + f"), timm {args.model} from scratch, {args.epochs} epochs, {args.opt} lr {args.lr:g}; "
              f"{cfg.checkpoint}.pt of each run evaluated.")
-    md = leaderboard_markdown(rows, cfg.scores, sets, cfg.convention, title) if rows else title + "\n"
+    groups = None if cfg.ood_groups is None else {g: [set_label(n) for n in v] for g, v in cfg.ood_groups.items()}
+    md = leaderboard_markdown(rows, cfg.scores, sets, cfg.convention, title, groups) if rows else title + "\n"
     if failed:
         md += "\nDiverged, left out of the means above: " + "; ".join(
             f"{loss} seed {seed} ({err})" for loss, per in failed.items() for seed, err in per.items()) + ".\n"

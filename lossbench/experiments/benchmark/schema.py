@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ood import CONVENTIONS, list_scores
 
@@ -17,9 +17,9 @@ from ..embedding import EMBEDDING_DISTANCES
 
 
 #: Keys of a benchmark config besides ``train``; see :class:`BenchConfig` for their meaning.
-BENCH_KEYS = ("output", "train", "losses", "loss_args", "loss_configs", "seeds", "ood_sets", "scores",
-              "score_args", "convention", "checkpoint", "max_ood_samples", "n_noise", "eval_batch_size",
-              "embedding_distance", "cell_plots")
+BENCH_KEYS = ("output", "train", "losses", "loss_args", "loss_configs", "seeds", "ood_sets", "val_ood_set",
+              "search", "scores", "score_args", "convention", "checkpoint", "max_ood_samples", "n_noise",
+              "eval_batch_size", "embedding_distance", "cell_plots")
 #: train.py options the benchmark sets per cell; a config's ``train`` section may not set them.
 PER_CELL_KEYS = ("loss", "loss_args", "seed", "output", "name", "resume", "stop_after_epochs", "config")
 
@@ -31,7 +31,10 @@ class BenchConfig:
     ``output``: the benchmark folder; ``train``: train.py options shared by every cell;
     ``losses`` / ``seeds``: the grid; ``loss_args``: per-loss overrides of the hyper-parameters read
     from ``loss_configs/<loss>.yaml``; ``ood_sets`` / ``scores`` / ``score_args`` / ``convention``:
-    the evaluation (:func:`lossbench.experiments.evaluate_run.evaluate_checkpoint`); ``checkpoint``: ``'last'`` (the
+    the evaluation (:func:`lossbench.experiments.evaluate_run.evaluate_checkpoint`); ``ood_sets`` is
+    a list or ``{group: [sets]}`` (OpenOOD's near / far: tables add each group's mean);
+    ``val_ood_set``: the validation OOD set (never a test set) on which ``search: true`` chooses every
+    score's grid point (:mod:`ood.search`); ``checkpoint``: ``'last'`` (the
     final weights, default: no selection on validation data) or ``'best'``; ``max_ood_samples``,
     ``n_noise``: OOD set sizes; ``embedding_distance``: ``'cosine'`` (default) or ``'euclidean'``
     for precision@1 / MAP@R; ``cell_plots``: per-cell ``roc.png`` / ``hist.png``.
@@ -43,6 +46,9 @@ class BenchConfig:
     seeds: List[int]
     ood_sets: List[str]
     scores: List[str]
+    ood_groups: Optional[Dict[str, List[str]]] = None
+    val_ood_set: Optional[str] = None
+    search: bool = False
     loss_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     loss_configs: Optional[str] = None
     score_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -60,6 +66,21 @@ def _names(value: Any, key: str) -> List[str]:
     if not names or not all(isinstance(v, str) for v in (value if isinstance(value, (list, tuple)) else names)):
         raise ConfigError(f"{key} must be a non-empty list of names, got {value!r}")
     return names
+
+
+def _ood_sets(value: Any) -> Tuple[List[str], Optional[Dict[str, List[str]]]]:
+    """(flat list, groups or None) from a list of set names or a ``{group: [names]}`` mapping."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigError("ood_sets must be a non-empty list of names or {group: [names]}, got {}")
+        groups = {str(g): _names(v, f"ood_sets.{g}") for g, v in value.items()}
+        flat = [n for v in groups.values() for n in v]
+    else:
+        groups, flat = None, _names(value, "ood_sets")
+    dup = sorted({n for n in flat if flat.count(n) > 1})
+    if dup:
+        raise ConfigError(f"ood_sets names {dup} more than once; each OOD set belongs to one group")
+    return flat, groups
 
 
 def _seeds(value: Any) -> List[int]:
@@ -104,7 +125,8 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
     bad = [n for n in losses if n not in all_losses]
     if bad:
         raise ConfigError(f"unknown loss name(s) {bad} in {source}; expected names from {all_losses} or 'all'")
-    scores = _names(data.get("scores", ["msp", "energy", "maxlogit", "mahalanobis"]), "scores")
+    scores = data.get("scores", ["msp", "energy", "maxlogit", "mahalanobis"])
+    scores = list_scores() if scores in ("all", ["all"]) else _names(scores, "scores")
     bad = [n for n in scores if n not in list_scores()]
     if bad:
         raise ConfigError(f"unknown OOD score(s) {bad} in {source}; expected names from {list_scores()}")
@@ -121,13 +143,24 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
         v = data.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    ood_sets, ood_groups = _ood_sets(data.get("ood_sets", ["gaussian", "uniform"]))
+    val_ood = data.get("val_ood_set")
+    if val_ood is not None and (not isinstance(val_ood, str) or not val_ood):
+        raise ConfigError(f"val_ood_set must be one OOD set name, got {val_ood!r}")
+    if val_ood is not None and val_ood in ood_sets:
+        raise ConfigError(f"val_ood_set {val_ood!r} is also a test OOD set; the validation OOD set must be another set")
+    search = data.get("search", False)
+    if not isinstance(search, bool):
+        raise ConfigError(f"search must be true or false, got {search!r}")
+    if search and val_ood is None:
+        raise ConfigError("search: true needs val_ood_set, the validation OOD set the grid search is run on")
     loss_configs = data.get("loss_configs")
     loss_configs = base_dir if loss_configs is None else (
         loss_configs if os.path.isabs(loss_configs) else os.path.join(base_dir, loss_configs))
     return BenchConfig(
         output=str(data.get("output") or os.path.join("runs", "bench")), train=train, losses=losses,
-        seeds=_seeds(data.get("seeds", [0, 1, 2])), ood_sets=_names(data.get("ood_sets", ["gaussian", "uniform"]), "ood_sets"),
-        scores=scores, loss_args=_nested(data.get("loss_args"), "loss_args", losses, "loss"),
+        seeds=_seeds(data.get("seeds", [0, 1, 2])), ood_sets=ood_sets, ood_groups=ood_groups,
+        val_ood_set=val_ood, search=search, scores=scores, loss_args=_nested(data.get("loss_args"), "loss_args", losses, "loss"),
         loss_configs=loss_configs, score_args=_nested(data.get("score_args"), "score_args", scores, "score"),
         convention=convention, checkpoint=checkpoint, max_ood_samples=data.get("max_ood_samples", 2000),
         n_noise=int(data.get("n_noise", 1000)), eval_batch_size=int(data.get("eval_batch_size", 256)),
@@ -172,16 +205,28 @@ def cell_args(cfg: BenchConfig, loss: str, seed: int) -> argparse.Namespace:
     return args
 
 
+def _expand(name: str, data_root: Optional[str]) -> str:
+    if "{data_root}" in name:
+        if data_root is None:
+            raise ConfigError(f"OOD set {name!r} uses {{data_root}} but train.data_root is not set")
+        name = name.replace("{data_root}", data_root)
+    return name
+
+
 def expand_ood_sets(cfg: BenchConfig, data_root: Optional[str]) -> List[str]:
     """OOD set names with ``{data_root}`` replaced by ``data_root`` (the train section's)."""
-    out = []
-    for name in cfg.ood_sets:
-        if "{data_root}" in name:
-            if data_root is None:
-                raise ConfigError(f"OOD set {name!r} uses {{data_root}} but train.data_root is not set")
-            name = name.replace("{data_root}", data_root)
-        out.append(name)
-    return out
+    return [_expand(n, data_root) for n in cfg.ood_sets]
+
+
+def eval_ood_sets(cfg: BenchConfig, data_root: Optional[str]) -> Any:
+    """What :func:`evaluate_model` takes as ``ood_sets``: the flat list, or ``{group: [sets]}``."""
+    if cfg.ood_groups is None:
+        return expand_ood_sets(cfg, data_root)
+    return {g: [_expand(n, data_root) for n in v] for g, v in cfg.ood_groups.items()}
+
+
+def eval_val_ood(cfg: BenchConfig, data_root: Optional[str]) -> Optional[str]:
+    return None if cfg.val_ood_set is None else _expand(cfg.val_ood_set, data_root)
 
 
 def eval_settings(cfg: BenchConfig, data_root: Optional[str]) -> Dict[str, Any]:
@@ -191,4 +236,7 @@ def eval_settings(cfg: BenchConfig, data_root: Optional[str]) -> Dict[str, Any]:
         "convention": cfg.convention, "checkpoint": cfg.checkpoint, "max_ood_samples": cfg.max_ood_samples,
         "n_noise": cfg.n_noise, "embedding_distance": cfg.embedding_distance,
         "calibration": {"n_bins": 15, "temperature_scaling": "val"},  # cells evaluated without it are re-evaluated
+        # the protocol keys only when used, so that cells evaluated before they existed stay done
+        **({"ood_groups": eval_ood_sets(cfg, data_root)} if cfg.ood_groups is not None else {}),
+        **({"val_ood_set": eval_val_ood(cfg, data_root), "search": cfg.search} if cfg.val_ood_set else {}),
     }))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from ..report import CONVENTION_NOTES
 
@@ -27,12 +27,19 @@ def _fmt(ms: Tuple[float, float], bold: bool = False, percent: bool = True) -> s
     return f"**{text}**" if bold else text
 
 
+#: With more scores than this, the per-score columns move from the loss table to a score x loss table.
+WIDE_SCORES = 6
+
+
 def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str], ood_sets: Sequence[str],
-                         convention: str, title: str = "") -> str:
-    """The leaderboard table: one row per loss, mean ± std over seeds in %, best mean in bold."""
+                         convention: str, title: str = "", groups: Optional[Mapping[str, Sequence[str]]] = None) -> str:
+    """The leaderboard: one row per loss, mean ± std over seeds in %, best mean in bold; with OOD
+    ``groups`` or more than :data:`WIDE_SCORES` scores, a score x loss table of the OOD results
+    (:func:`score_table_markdown`); then skipped scores with their reasons and the searched grid points."""
     present = {k for r in rows.values() for k in r["stats"]}
     cols = [(k, METRIC_LABELS[k], k not in LOWER_IS_BETTER) for k in METRIC_LABELS if k in present]
-    for s in scores:
+    wide = bool(groups) or len(scores) > WIDE_SCORES
+    for s in ([] if wide else scores):
         cols += [(f"{s}/auroc", f"{s} AUROC", True), (f"{s}/fpr95", f"{s} FPR@95", False)]
     best = {}
     for key, _, higher in cols:
@@ -49,7 +56,9 @@ def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence
         f"these lower is better. "
         f"P@1 / MAP@R = precision@1 / MAP@R of the penultimate test features retrieving their own class "
         f"(pytorch-metric-learning AccuracyCalculator). AUROC and FPR@95 of each OOD score are the mean "
-        f"over the OOD sets {', '.join(ood_sets)}; higher score = in-distribution; convention "
+        f"over the OOD sets {', '.join(ood_sets)}"
+        + ("" if not groups else " (and per group: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in groups.items())
+           + ")") + f"; higher score = in-distribution; convention "
         f"`{convention}` ({CONVENTION_NOTES[convention]}).", "",
         "| loss | seeds | " + " | ".join(label for _, label, _ in cols) + " |",
         "|---|---|" + "---|" * len(cols),
@@ -58,13 +67,78 @@ def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence
         cells = [_fmt(r["stats"][k], bold=abs(r["stats"][k][0] - best[k]) < 1e-12, percent=k not in PLAIN)
                  if k in r["stats"] else "-" for k, _, _ in cols]
         lines.append(f"| {loss} | {r['n']} | " + " | ".join(cells) + " |")
-    per_set = [(s, o) for s in scores for o in ood_sets]
-    lines += ["", "AUROC (%) per OOD set, mean ± sample std over seeds, same convention:", "",
-              "| loss | " + " | ".join(f"{s} {o}" for s, o in per_set) + " |", "|---|" + "---|" * len(per_set)]
-    for loss, r in rows.items():
-        lines.append(f"| {loss} | " + " | ".join(
-            _fmt(r["stats"][f"{s}/{o}/auroc"]) if f"{s}/{o}/auroc" in r["stats"] else "-" for s, o in per_set) + " |")
+    if wide:
+        lines += ["", score_table_markdown(rows, scores, groups or {"all sets": list(ood_sets)})]
+        lines += ["AUROC (%) per OOD set, mean ± sample std over seeds, same convention:", "",
+                  "| score | " + " | ".join(f"{loss} {o}" for loss in rows for o in ood_sets) + " |",
+                  "|---|" + "---|" * (len(rows) * len(ood_sets))]
+        for s in scores:
+            lines.append(f"| {s} | " + " | ".join(
+                _fmt(r["stats"][f"{s}/{o}/auroc"]) if f"{s}/{o}/auroc" in r["stats"] else "-"
+                for r in rows.values() for o in ood_sets) + " |")
+    else:
+        per_set = [(s, o) for s in scores for o in ood_sets]
+        lines += ["", "AUROC (%) per OOD set, mean ± sample std over seeds, same convention:", "",
+                  "| loss | " + " | ".join(f"{s} {o}" for s, o in per_set) + " |", "|---|" + "---|" * len(per_set)]
+        for loss, r in rows.items():
+            lines.append(f"| {loss} | " + " | ".join(
+                _fmt(r["stats"][f"{s}/{o}/auroc"]) if f"{s}/{o}/auroc" in r["stats"] else "-" for s, o in per_set) + " |")
+    lines += _skipped_lines(rows) + _chosen_lines(rows, scores)
     return "\n".join(lines) + "\n"
+
+
+def score_table_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str],
+                         groups: Mapping[str, Sequence[str]]) -> str:
+    """Rows: OOD score; per loss and group: AUROC / FPR@95 (%, mean over the group's sets, then mean ± std
+    over seeds); the best AUROC of each column in bold; a skipped score says so."""
+    single = list(groups) == ["all sets"]
+    cols = [(loss, g) for loss in rows for g in groups]
+    best = {}
+    for loss, g in cols:
+        key = f"{{}}/auroc" if single else f"{{}}/group:{g}/auroc"
+        vals = [rows[loss]["stats"][key.format(s)][0] for s in scores if key.format(s) in rows[loss]["stats"]]
+        best[(loss, g)] = max(vals) if vals else None
+    lines = ["OOD detection per score: AUROC / FPR@95 (%), each the mean over the "
+             + ("OOD sets" if single else "group's sets") + ", then mean ± std over seeds; best AUROC per column in bold.",
+             "", "| score | " + " | ".join(f"{loss} {g}" for loss, g in cols) + " |", "|---|" + "---|" * len(cols)]
+    for s in scores:
+        cells = []
+        for loss, g in cols:
+            st = rows[loss]["stats"]
+            a, f = ((f"{s}/auroc", f"{s}/fpr95") if single else (f"{s}/group:{g}/auroc", f"{s}/group:{g}/fpr95"))
+            if a not in st:
+                cells.append("skipped" if s in rows[loss].get("skipped", {}) else "-")
+                continue
+            au = _fmt(st[a], bold=best[(loss, g)] is not None and abs(st[a][0] - best[(loss, g)]) < 1e-12)
+            cells.append(f"{au} / {_fmt(st[f])}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _skipped_lines(rows: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    reasons: dict = {}
+    for loss, r in rows.items():
+        for score, why in (r.get("skipped") or {}).items():
+            reasons.setdefault((score, why), []).append(loss)
+    if not reasons:
+        return []
+    return ["", "Skipped scores (no result, by design -- never a wrong number):", ""] + [
+        f"- {score} for {', '.join(losses)}: {why}" for (score, why), losses in reasons.items()]
+
+
+def _chosen_lines(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> List[str]:
+    searched = [s for s in scores if any(s in (r.get("chosen") or {}) for r in rows.values())]
+    if not searched:
+        return []
+    lines = ["", "Hyper-parameters chosen by the grid search on the validation OOD set, per seed:", "",
+             "| score | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for s in searched:
+        cells = []
+        for r in rows.values():
+            per_seed = (r.get("chosen") or {}).get(s, [])
+            cells.append(" / ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in per_seed) or "-")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def leaderboard_csv(rows: Mapping[str, Mapping[str, Any]]) -> str:
