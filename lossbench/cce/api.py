@@ -46,7 +46,9 @@ classes, rank r's block after those of the lower ranks -- as ``weight`` (and ``b
 ``class_weight``), and the same features and (global) targets. The log-sum-exp, the target logit
 and weight are combined across the ranks with all-reduces; the loss, the log-sum-exp and the
 gradient of the features (all-reduced) equal the unsharded ones, and each rank gets the gradient
-of its own shard.
+of its own shard. Label smoothing adds ``(eps / V) (W lse_i - S_i)`` per row with ``W = sum_j w_j``
+and ``S_i = e_i . sum_j w_j c_j + sum_j w_j b_j`` (both all-reduced, one D + 2 vector per step), as
+``F.cross_entropy`` defines it; soft-capping is refused there (it makes ``S_i`` non-linear).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ DEFAULT_CHUNK_SIZE = 512
 _compute_dtype = compute_dtype
 
 
-def _global_vocab(V_local: int, process_group: Any, label_smoothing: float,
+def _global_vocab(V_local: int, process_group: Any, label_smoothing: float, softcap: Optional[float],
                   device: torch.device) -> Tuple[int, int]:
     """(first global class of this rank's shard, global V); ``(0, V_local)`` without a group."""
     if process_group is None:
@@ -91,9 +93,11 @@ def _global_vocab(V_local: int, process_group: Any, label_smoothing: float,
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group given but torch.distributed is not initialized")
-    if label_smoothing > 0:
-        raise ValueError(f"label_smoothing={label_smoothing} cannot be combined with process_group: the "
-                         "vocab-parallel path computes plain cross-entropy only; pass label_smoothing=0.0")
+    if label_smoothing > 0 and softcap is not None:
+        raise ValueError(f"label_smoothing={label_smoothing} with softcap={softcap} cannot be combined with "
+                         "process_group: the vocab-parallel smoothing term uses the logits' linearity "
+                         "(sum_j w_j z_j = e . sum_j w_j c_j + sum_j w_j b_j), which soft-capping breaks; "
+                         "pass softcap=None or label_smoothing=0.0")
     return _shard_offset(V_local, process_group, device)
 
 
@@ -163,7 +167,7 @@ def linear_cross_entropy(
         sort_vocab: order the filter's tiles by batch-mean logit (default: when filtering).
         accum_c_fp32: accumulate dC across row blocks in float32 for bf16/fp16 inputs.
         process_group: a ``torch.distributed`` group over which ``weight`` is sharded by rows
-            (plain cross-entropy: ``label_smoothing > 0`` and double backward are refused with an error).
+            (label smoothing without soft-capping; double backward is refused with an error).
         stats: a dict that receives ``tiles_skipped`` / ``tiles_total`` of the gradient pass.
         impl: 'auto' (the compiled extension when available, else 'torch'), 'ext' or 'torch'.
 
@@ -179,7 +183,7 @@ def linear_cross_entropy(
                                                     opts)
     V_local = weight.shape[0]
     lead = tuple(features.shape[:-1])
-    offset, vocab = _global_vocab(V_local, process_group, label_smoothing, features.device)
+    offset, vocab = _global_vocab(V_local, process_group, label_smoothing, softcap, features.device)
     _check_target(target, lead, vocab, int(ignore_index))
 
     N = math.prod(lead)

@@ -29,6 +29,25 @@ def _shard_offset(V_local: int, group: Any, device: torch.device) -> Tuple[int, 
     return sum(sizes_i[:rank]), sum(sizes_i)
 
 
+def _all_reduced(x: Tensor, group: Any) -> Tensor:
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _smoothing_sums(features: Tensor, weight: Tensor, b: Optional[Tensor], cw: Optional[Tensor],
+                    cdt: torch.dtype, group: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    """(local ``u = sum_j w_j c_j``, global ``W = sum_j w_j``, global ``S_i = e_i . u + sum_j w_j b_j``)."""
+    w = cw if cw is not None else torch.ones(weight.shape[0], dtype=cdt, device=weight.device)
+    u = w @ weight.to(cdt)
+    beta = (w * b).sum() if b is not None else torch.zeros((), dtype=cdt, device=weight.device)
+    both = _all_reduced(torch.cat([u, beta[None], w.sum()[None]]), group)
+    S = features.to(cdt) @ both[:-2] + both[-2]
+    return u, both[-1], S
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Linear cross-entropy with the classifier's rows sharded over ``cfg['group']``."""
 
@@ -70,11 +89,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         dist.all_reduce(S, group=group)
         lse = M + torch.log(S)
         rows = torch.where(valid, wy * (lse - zy), zeros)
+        eps = cfg["label_smoothing"]
+        u = None
+        if eps > 0:
+            # F.cross_entropy's smoothing: (1 - eps) w_y (lse - z_y) + (eps / V) sum_j w_j (lse - z_j); the
+            # sum over the sharded classes is linear in the logits: W lse_i - (e_i . u + beta)
+            u, W, S = _smoothing_sums(features, weight, b, cw, cdt, group)
+            rows = torch.where(valid, (1.0 - eps) * rows + (eps / cfg["vocab"]) * (W * lse - S), zeros)
         # out-of-range targets (value checks off): a NaN row, never a silently skipped one
         rows = torch.where(~ignore & ~valid, torch.full_like(rows, float("nan")), rows)
         denom = wy.sum()
         loss = _reduce_rows(rows, cfg["reduction"], denom)
         ctx.cfg = cfg
+        ctx.u_local = u
         ctx.save_for_backward(features, weight, bias, tl, class_weight, valid, local, wy, lse,
                               denom)
         return loss.to(features.dtype), lse
@@ -91,23 +118,42 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         cdt = compute_dtype(features.dtype)
         g = _row_scales(grad_loss, cfg, valid, denom, cdt)
         dl = grad_lse.to(cdt) if grad_lse is not None else torch.zeros_like(g)
-        # Rows whose target lives on another rank: the kernel sees no target there, so the
-        # target's weight enters through the softmax coefficient (see the api docstring).
-        dl = (dl + torch.where(valid & ~local, g * wy, torch.zeros_like(g))).contiguous()
         b = bias.to(cdt).contiguous() if bias is not None else None
         cw = class_weight.to(cdt).contiguous() if class_weight is not None else None
+        eps = cfg["label_smoothing"]
+        g_row = g
+        if eps > 0:
+            # d row / d z_j = (1 - eps) w_y (p_j - [j = y]) + (eps / V) (W p_j - w_j): the kernel takes the
+            # target part at scale (1 - eps) g, the softmax part eps W / V through dl, and the dense
+            # -(eps / V) w_j part is added below
+            W = _all_reduced(cw.sum() if cw is not None else torch.tensor(float(weight.shape[0]), dtype=cdt,
+                                                                               device=g.device), cfg["group"])
+            dl = dl + torch.where(valid, g * (eps * W / cfg["vocab"]), torch.zeros_like(g))
+            g_row = g * (1.0 - eps)
+        # Rows whose target lives on another rank: the kernel sees no target there, so the
+        # target's weight enters through the softmax coefficient (see the api docstring).
+        dl = (dl + torch.where(valid & ~local, g_row * wy, torch.zeros_like(g))).contiguous()
         need_de = ctx.needs_input_grad[0]
         need = (need_de, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         # every rank must join the all-reduce of dE, so all compute it when any rank may need it
         need = (True, need[1], need[2])
         with _load_aware_threads(features.device):
             _, _, dE, dC, db, skipped, _ = _run(
-                cfg["impl"], features, weight, b, tl, cw, g.contiguous(), dl,
+                cfg["impl"], features, weight, b, tl, cw, g_row.contiguous(), dl,
                 lse.contiguous(), None, 0.0, cfg["softcap"], cfg["filter_eps"],
                 cfg["chunk_size"], cfg["block_rows"], *need, cfg["accum_c_fp32"])
         _record(cfg["stats"], skipped, -(-features.shape[0] // cfg["block_rows"]),
                 -(-weight.shape[0] // cfg["chunk_size"]))
         dEf = dE.to(cdt)
+        if eps > 0:
+            # the dense part -(eps / V) g_i w_j of d loss / d z_ij
+            c = eps / cfg["vocab"]
+            dEf = dEf - c * g[:, None] * ctx.u_local[None, :]
+            wj = cw if cw is not None else torch.ones(weight.shape[0], dtype=cdt, device=g.device)
+            if dC is not None:
+                dC = (dC.to(cdt) - c * wj[:, None] * (g @ features.to(cdt))[None, :])
+            if db is not None:
+                db = db.to(cdt) - c * wj * g.sum()
         dist.all_reduce(dEf, group=cfg["group"])
         return (dEf.to(features.dtype) if need_de else None,
                 dC.to(weight.dtype) if dC is not None else None,

@@ -70,17 +70,34 @@ def test_ignore_index_rows_may_hold_any_value():
     torch.testing.assert_close(out, ref)
 
 
-def test_vocab_parallel_refuses_label_smoothing(tmp_path):
-    """process_group computes plain cross-entropy; label smoothing there is a clear error, not a number."""
+def test_vocab_parallel_label_smoothing_and_its_softcap_refusal(tmp_path):
+    """One-rank process group: label smoothing (with class weights) equals F.cross_entropy's, loss and
+    gradients; with soft-capping it is a clear error, not a number (the two-rank run is the slow test)."""
     import torch.distributed as dist
 
     from lossbench import linear_cross_entropy
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        e, c, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
-        with pytest.raises(ValueError, match="label_smoothing=0.1 cannot be combined with process_group"):
-            linear_cross_entropy(e, c, t, label_smoothing=0.1, process_group=dist.group.WORLD)
+        g = torch.Generator().manual_seed(3)
+        e, c, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 3), (5, 3), (5,)))
+        w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+        t = torch.tensor([0, 1, 2, 3, -100, 4])
+        for impl in ("torch", "auto"):
+            for reduction in ("mean", "sum", "none"):
+                ours = [x.clone().requires_grad_() for x in (e, c, b)]
+                ref = [x.clone().requires_grad_() for x in (e, c, b)]
+                out = linear_cross_entropy(*ours[:2], t, ours[2], class_weight=w, label_smoothing=0.2,
+                                           reduction=reduction, process_group=dist.group.WORLD, impl=impl)
+                want = torch.nn.functional.cross_entropy(ref[0] @ ref[1].T + ref[2], t, weight=w,
+                                                         label_smoothing=0.2, reduction=reduction)
+                torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+                scale = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+                for x, y in zip(torch.autograd.grad((out * scale).sum(), ours),
+                                torch.autograd.grad((want * scale).sum(), ref)):
+                    torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+        with pytest.raises(ValueError, match="label_smoothing=0.1 with softcap=2.0 cannot be combined with process_group"):
+            linear_cross_entropy(e, c, t, label_smoothing=0.1, softcap=2.0, process_group=dist.group.WORLD)
         ref = torch.nn.functional.cross_entropy(e @ c.T, t)
         torch.testing.assert_close(linear_cross_entropy(e, c, t, process_group=dist.group.WORLD), ref)
     finally:

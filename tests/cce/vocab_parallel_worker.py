@@ -30,8 +30,9 @@ def main() -> int:
     failures = []
     for impl in impls:
         for reduction in ("mean", "sum", "none"):
-            for weighted, softcap, shift, lse in ((False, None, 0, False), (True, None, 0, True),
-                                                  (True, 2.5, 1, False), (False, None, 2, True)):
+            for weighted, softcap, shift, lse, ls in ((False, None, 0, False, 0.0), (True, None, 0, True, 0.0),
+                                                      (True, 2.5, 1, False, 0.0), (False, None, 2, True, 0.0),
+                                                      (True, None, 1, True, 0.1), (False, None, 0, False, 0.3)):
                 Er, Cr, br = (x.clone().requires_grad_() for x in (E, C, b))
                 Es = E.clone().requires_grad_()
                 Cs = C[lo:hi].clone().requires_grad_()
@@ -39,7 +40,7 @@ def main() -> int:
                 w = cw if weighted else None
                 out = linear_cross_entropy(
                     Es, Cs, t, bs, class_weight=w[lo:hi] if weighted else None,
-                    reduction=reduction, softcap=softcap, shift=shift, return_lse=lse,
+                    reduction=reduction, softcap=softcap, shift=shift, return_lse=lse, label_smoothing=ls,
                     process_group=dist.group.WORLD, impl=impl, chunk_size=4, rows_per_block=5)
                 z = F.linear(Er, Cr, br)
                 if softcap is not None:
@@ -47,7 +48,7 @@ def main() -> int:
                 T = lead[-1]
                 ts = torch.cat([t[..., shift:], torch.full((lead[0], shift), -100)], -1)
                 ref = F.cross_entropy(z.reshape(-1, V), ts.reshape(-1), weight=w,
-                                      reduction=reduction)
+                                      reduction=reduction, label_smoothing=ls)
                 if reduction == "none":
                     ref = torch.roll(ref.reshape(lead), shift, -1)
                 loss, lse_out = (out if lse else (out, None))
@@ -62,7 +63,7 @@ def main() -> int:
                 got = torch.autograd.grad(total, [Es, Cs, bs])
                 want = torch.autograd.grad(ref_total, [Er, Cr, br])
                 want = [want[0], want[1][lo:hi], want[2][lo:hi]]
-                tag = f"{impl} {reduction} w={weighted} cap={softcap} shift={shift} lse={lse}"
+                tag = f"{impl} {reduction} w={weighted} cap={softcap} shift={shift} lse={lse} ls={ls}"
                 try:
                     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
                     if lse:
@@ -71,6 +72,12 @@ def main() -> int:
                         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
                 except AssertionError as exc:
                     failures.append(f"{tag}: {str(exc)[:300]}")
+    try:  # soft-capping breaks the linearity the sharded smoothing term uses: a clear error
+        linear_cross_entropy(E, C[lo:hi], t, label_smoothing=0.1, softcap=2.5, process_group=dist.group.WORLD)
+        failures.append("label_smoothing with softcap and process_group was not refused")
+    except ValueError as exc:
+        if "softcap" not in str(exc) or "label_smoothing" not in str(exc):
+            failures.append(f"unclear error: {exc}")
     print(f"rank {rank}: {len(failures)} failure(s)")
     for f in failures:
         print(f"rank {rank}: {f}")

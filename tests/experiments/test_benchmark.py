@@ -114,6 +114,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 def test_set_label():
     assert set_label("imagefolder:../data/notMNIST/") == "notMNIST" and set_label("gaussian") == "gaussian"
+    assert set_label("imagefolder:../data/tinyimagenet/test") == "tinyimagenet/test"
 
 
 # -- configuration --------------------------------------------------------------------------------

@@ -12,10 +12,19 @@ from .cells import cell_dir
 from .schema import BenchConfig
 
 
+#: Folder names too generic to name a set alone: the parent folder is kept (``tinyimagenet/test``).
+GENERIC_FOLDERS = ("train", "test", "val", "valid", "validation", "images")
+
+
 def set_label(name: str) -> str:
-    """Short display name of an OOD set: ``imagefolder:<path>`` -> the folder's name."""
+    """Short display name of an OOD set: ``imagefolder:<path>`` -> the folder's name (with its parent
+    when the name is generic, e.g. ``tinyimagenet/test``)."""
     if name.lower().startswith("imagefolder:"):
-        return os.path.basename(os.path.normpath(name.split(":", 1)[1]))
+        path = os.path.normpath(name.split(":", 1)[1])
+        base = os.path.basename(path)
+        if base.lower() in GENERIC_FOLDERS:
+            return f"{os.path.basename(os.path.dirname(path))}/{base}"
+        return base
     return name
 
 
