@@ -278,7 +278,7 @@ def test_real_data_benchmark(shared_data, tmp_path):
     assert "notMNIST_auroc_mean" in " ".join(table[0])
 
 
-@pytest.mark.parametrize("name", ["bench_digits", "bench_cifar10", "bench_fashionmnist", "bench_cifar10_cpu"])
+@pytest.mark.parametrize("name", ["bench_digits", "bench_cifar10", "bench_fashionmnist", "bench_cifar10_cpu", "bench_cifar10_full"])
 def test_shipped_configs_resolve(name):
     """Every benchmark config names known losses/scores/options and no machine path."""
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))

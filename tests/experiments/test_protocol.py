@@ -80,6 +80,9 @@ def test_leaderboard_shows_groups_skipped_scores_and_chosen_points():
     assert "- vim for ce: needs a linear classifier" in md
     assert "| knn | k=50 / k=100 |" in md
     assert "near = tin" in md and "far = mnist" in md
+    from lossbench.experiments.benchmark.tables import compact_markdown
+    compact = compact_markdown(rows, ["knn", "vim"])
+    assert "| ce | 90.0±0.0 | 10.0±0.0 → - |" in compact and "| skipped |" in compact
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from .aggregate import collect, failures, set_label, summarize
 from .cells import run_cell
 from .plots import plot_acc_vs_auroc, plot_best_roc
 from .schema import BenchConfig, cell_args, expand_ood_sets
-from .tables import leaderboard_csv, leaderboard_markdown
+from .tables import compact_markdown, leaderboard_csv, leaderboard_markdown
 
 
 def write_leaderboard(cfg: BenchConfig, plots: bool = True) -> Dict[str, Any]:
@@ -36,6 +36,8 @@ def write_leaderboard(cfg: BenchConfig, plots: bool = True) -> Dict[str, Any]:
             f"{loss} seed {seed} ({err})" for loss, per in failed.items() for seed, err in per.items()) + ".\n"
     atomic_write_text(os.path.join(cfg.output, "leaderboard.md"), md)
     atomic_write_text(os.path.join(cfg.output, "leaderboard.csv"), leaderboard_csv(rows))
+    if rows:
+        atomic_write_text(os.path.join(cfg.output, "leaderboard_compact.md"), compact_markdown(rows, cfg.scores))
     chosen = None
     if plots and rows:
         plot_acc_vs_auroc(rows, cfg.scores, os.path.join(cfg.output, "acc_vs_auroc.png"))

@@ -156,3 +156,25 @@ def leaderboard_csv(rows: Mapping[str, Mapping[str, Any]]) -> str:
             vals += [f"{m:.6f}", "" if math.isnan(s) else f"{s:.6f}"]
         w.writerow([loss, r["n"], " ".join(map(str, r["seeds"]))] + vals)
     return buf.getvalue()
+
+
+def compact_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> str:
+    """The leaderboard in one narrow table (``leaderboard_compact.md``): ECE before -> after temperature
+    scaling in one cell and each score's mean AUROC / FPR@95 in one cell (%, mean±std over seeds)."""
+    def f(r: Mapping[str, Any], key: str, percent: bool = True) -> str:
+        if key not in r["stats"]:
+            return "-"
+        m, s = r["stats"][key]
+        k = 100 if percent else 1
+        d = 1 if percent else 3
+        return f"{k * m:.{d}f}" + ("" if math.isnan(s) else f"±{k * s:.{d}f}")
+
+    head = ["loss", "acc", "ECE → after TS", "adaptive ECE", "Brier", "NLL", "P@1", "MAP@R"] + list(scores)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for loss, r in rows.items():
+        cells = [f(r, "acc"), f"{f(r, 'ece')} → {f(r, 'ece_ts')}", f(r, "adaptive_ece"), f(r, "brier", False),
+                 f(r, "nll", False), f(r, "p_at_1"), f(r, "map_at_r")]
+        cells += ["skipped" if s in (r.get("skipped") or {}) and f"{s}/auroc" not in r["stats"]
+                  else f"{f(r, f'{s}/auroc')} / {f(r, f'{s}/fpr95')}" for s in scores]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
