@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                                  max_ood_samples=args.max_ood_samples, progress=not args.no_progress,
                                  val_ood=args.val_ood, search=args.search, feature_cache_dir=cache)
     print(write_report(result, out))
-    print(f"wrote metrics.json, results.md, roc.png, hist.png to {out}")
+    print(f"wrote metrics.json, results.md, roc.png, hist.png, reliability.png to {out}"
+          + (f"; feature cache in {cache}" if cache else ""))
     return 0
 
 
