@@ -29,21 +29,16 @@ def _shard_offset(V_local: int, group: Any, device: torch.device) -> Tuple[int, 
     return sum(sizes_i[:rank]), sum(sizes_i)
 
 
-def _all_reduced(x: Tensor, group: Any) -> Tensor:
-    import torch.distributed as dist
-
-    x = x.clone()
-    dist.all_reduce(x, group=group)
-    return x
-
-
 def _smoothing_sums(features: Tensor, weight: Tensor, b: Optional[Tensor], cw: Optional[Tensor],
                     cdt: torch.dtype, group: Any) -> Tuple[Tensor, Tensor, Tensor]:
     """(local ``u = sum_j w_j c_j``, global ``W = sum_j w_j``, global ``S_i = e_i . u + sum_j w_j b_j``)."""
     w = cw if cw is not None else torch.ones(weight.shape[0], dtype=cdt, device=weight.device)
     u = w @ weight.to(cdt)
     beta = (w * b).sum() if b is not None else torch.zeros((), dtype=cdt, device=weight.device)
-    both = _all_reduced(torch.cat([u, beta[None], w.sum()[None]]), group)
+    import torch.distributed as dist
+
+    both = torch.cat([u, beta[None], w.sum()[None]])
+    dist.all_reduce(both, group=group)
     S = features.to(cdt) @ both[:-2] + both[-2]
     return u, both[-1], S
 
@@ -90,7 +85,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = M + torch.log(S)
         rows = torch.where(valid, wy * (lse - zy), zeros)
         eps = cfg["label_smoothing"]
-        u = None
+        u = W = None
         if eps > 0:
             # F.cross_entropy's smoothing: (1 - eps) w_y (lse - z_y) + (eps / V) sum_j w_j (lse - z_j); the
             # sum over the sharded classes is linear in the logits: W lse_i - (e_i . u + beta)
@@ -101,7 +96,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         denom = wy.sum()
         loss = _reduce_rows(rows, cfg["reduction"], denom)
         ctx.cfg = cfg
-        ctx.u_local = u
+        ctx.u_local, ctx.W = u, W  # the smoothing sums, reused by backward (no second all-reduce)
         ctx.save_for_backward(features, weight, bias, tl, class_weight, valid, local, wy, lse,
                               denom)
         return loss.to(features.dtype), lse
@@ -126,9 +121,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # d row / d z_j = (1 - eps) w_y (p_j - [j = y]) + (eps / V) (W p_j - w_j): the kernel takes the
             # target part at scale (1 - eps) g, the softmax part eps W / V through dl, and the dense
             # -(eps / V) w_j part is added below
-            W = _all_reduced(cw.sum() if cw is not None else torch.tensor(float(weight.shape[0]), dtype=cdt,
-                                                                               device=g.device), cfg["group"])
-            dl = dl + torch.where(valid, g * (eps * W / cfg["vocab"]), torch.zeros_like(g))
+            dl = dl + torch.where(valid, g * (eps * ctx.W / cfg["vocab"]), torch.zeros_like(g))
             g_row = g * (1.0 - eps)
         # Rows whose target lives on another rank: the kernel sees no target there, so the
         # target's weight enters through the softmax coefficient (see the api docstring).
