@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 AUGMENT_MODES = ("auto", "none", "cifar", "crop", "flip")
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
+FLIP_MODES = ("random", "alternating")
+PAD_MODES = ("constant", "reflect")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class AugmentSpec:
     padding: int = 4
     auto_augment: str = "none"
     reprob: float = 0.0
+    #: ``random``: each sample flipped with probability 0.5 every epoch; ``alternating``: airbench's
+    #: derandomised flip -- a fixed random half of the samples is flipped in even epochs, the other
+    #: half in odd epochs (``legacy/airbench94.py``, ``CifarLoader.__iter__``). Batched path only.
+    flip_mode: str = "random"
+    #: Padding of the random crop: ``constant`` (zeros, the ResNet recipe) or ``reflect`` (airbench).
+    pad_mode: str = "constant"
 
     def __post_init__(self) -> None:
         if self.mode not in AUGMENT_MODES or self.mode == "auto":
@@ -55,6 +63,10 @@ class AugmentSpec:
             raise ValueError(f"reprob must lie in [0, 1], got {self.reprob}")
         if int(self.padding) < 0:
             raise ValueError(f"crop padding must be >= 0, got {self.padding}")
+        if self.flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {self.flip_mode!r}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
 
     @property
     def active(self) -> bool:
@@ -73,6 +85,11 @@ class AugmentSpec:
         """Whether :class:`BatchAugment` can do all of it (crop and flip only)."""
         return self.auto_augment == "none" and self.reprob == 0
 
+    @property
+    def batch_only(self) -> bool:
+        """Whether only :class:`BatchAugment` can do it (alternating flips, reflect padding)."""
+        return (self.flip and self.flip_mode != "random") or (self.crop and self.pad_mode != "constant")
+
 
 NO_AUGMENT = AugmentSpec()
 
@@ -87,13 +104,15 @@ def resolve_augment_mode(mode: str, channels: int) -> str:
 
 
 def geometric_ops(aug: AugmentSpec, size: int, fill: Sequence[float] = (0.0,)) -> List[Callable]:
-    """Random crop (zero padding, or ``fill`` per channel) and horizontal flip as v2 transforms."""
+    """Random crop (zero padding, or ``fill`` per channel; or reflect padding) and horizontal flip as v2
+    transforms. Alternating flips exist only in :class:`BatchAugment` (a per-image transform does not know
+    the epoch); here the flip is random."""
     from torchvision.transforms import v2
 
     ops: List[Callable] = []
     if aug.crop:
         fill_value = list(fill) if len(fill) > 1 else fill[0]
-        ops.append(v2.RandomCrop(size, padding=int(aug.padding), fill=fill_value, padding_mode="constant"))
+        ops.append(v2.RandomCrop(size, padding=int(aug.padding), fill=fill_value, padding_mode=aug.pad_mode))
     if aug.flip:
         ops.append(v2.RandomHorizontalFlip(0.5))
     return ops
@@ -122,19 +141,33 @@ def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div(255)
 
 
+def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices into a dimension of ``size`` after reflect padding (no edge repeat, as ``F.pad(mode='reflect')``)."""
+    idx = torch.where(idx < 0, -idx, idx)
+    return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
+
+
 def crop_flip_batch(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                    padding: int) -> torch.Tensor:
-    """Per-sample crop of the zero-padded batch at (``top``, ``left``), then flip where ``flip``.
+                    padding: int, pad_mode: str = "constant") -> torch.Tensor:
+    """Per-sample crop of the padded batch at (``top``, ``left``), then flip where ``flip``.
 
     ``x`` (N, C, H, W); ``top``/``left`` (N,) integer offsets in [0, 2 * padding]; ``flip`` (N,) bool.
-    Equal to ``v2.functional.crop(v2.functional.pad(x_i, padding), top_i, left_i, H, W)`` followed by
-    ``horizontal_flip`` for each sample (tested against exactly that).
+    ``pad_mode='constant'``: equal to ``v2.functional.crop(v2.functional.pad(x_i, padding), top_i,
+    left_i, H, W)`` followed by ``horizontal_flip`` for each sample (tested against exactly that);
+    ``'reflect'``: the same on ``F.pad(x, ..., mode='reflect')`` (any dtype: indices are reflected).
     """
     n, _, h, w = x.shape
-    xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if pad_mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"reflect padding {padding} must be smaller than the image size {min(h, w)}")
     rows = (top.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).long()   # (N, H)
     cols = (left.view(n, 1) + torch.arange(w, device=x.device).view(1, w)).long()  # (N, W)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    if pad_mode == "reflect":
+        xp, rows, cols = x, _reflect(rows - padding, h), _reflect(cols - padding, w)
+    else:
+        xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
     idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
     out = xp.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]    # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -143,11 +176,15 @@ def crop_flip_batch(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip
 class BatchAugment(nn.Module):
     """Crop / flip (per sample) and normalisation of a uint8 batch, on whatever device it lives.
 
-    ``forward(x_uint8)`` -> normalised float32 batch. With ``aug`` inactive it only normalises.
-    Random draws use ``torch``'s global generator of the batch's device (saved with every checkpoint).
+    ``forward(x_uint8, index=None, epoch=0)`` -> normalised float32 batch. With ``aug`` inactive it
+    only normalises. Random draws use ``torch``'s global generator of the batch's device (saved with
+    every checkpoint). ``flip_mode='alternating'`` needs each sample's dataset ``index`` and the
+    ``epoch``: sample ``i`` is flipped iff ``base[i] xor (epoch odd)``, with ``base`` a fixed
+    Bernoulli(0.5) draw of ``n_samples`` values from a generator seeded with ``seed``.
     """
 
-    def __init__(self, aug: AugmentSpec, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, aug: AugmentSpec, mean: Sequence[float], std: Sequence[float],
+                 n_samples: Optional[int] = None, seed: int = 0):
         super().__init__()
         if not aug.batchable:
             raise ValueError("device-side augmentation supports crop and flip only; auto_augment and reprob "
@@ -155,23 +192,43 @@ class BatchAugment(nn.Module):
         self.aug = aug
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.alternating = aug.flip and aug.flip_mode == "alternating"
+        if self.alternating:
+            if n_samples is None or int(n_samples) <= 0:
+                raise ValueError("flip_mode 'alternating' needs n_samples, the size of the training split")
+            g = torch.Generator().manual_seed(int(seed))
+            base = torch.rand(int(n_samples), generator=g) < 0.5
+        else:
+            base = torch.zeros(0, dtype=torch.bool)
+        self.register_buffer("base_flip", base, persistent=False)
 
-    def draw(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self, n: int, device: torch.device, index: Optional[torch.Tensor] = None,
+             epoch: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.aug.padding) if self.aug.crop else 0
         if self.aug.crop:
             top = torch.randint(0, 2 * p + 1, (n,), device=device)
             left = torch.randint(0, 2 * p + 1, (n,), device=device)
         else:
             top = left = torch.zeros(n, dtype=torch.long, device=device)
-        flip = (torch.rand(n, device=device) < 0.5) if self.aug.flip else torch.zeros(n, dtype=torch.bool, device=device)
+        if not self.aug.flip:
+            flip = torch.zeros(n, dtype=torch.bool, device=device)
+        elif self.alternating:
+            if index is None or index.shape != (n,):
+                raise ValueError(f"flip_mode 'alternating' needs the samples' dataset index (shape ({n},))")
+            if int(index.min()) < 0 or int(index.max()) >= self.base_flip.numel():
+                raise ValueError(f"index must lie in [0, {self.base_flip.numel()}), the training split's size")
+            flip = self.base_flip[index.to(self.base_flip.device).long()].to(device) ^ bool(int(epoch) % 2)
+        else:
+            flip = torch.rand(n, device=device) < 0.5
         return top, left, flip
 
-    def forward(self, x: torch.Tensor, train: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, train: bool = True, index: Optional[torch.Tensor] = None,
+                epoch: int = 0) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise TypeError(f"BatchAugment expects a uint8 batch (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         if train and (self.aug.crop or self.aug.flip):
-            top, left, flip = self.draw(x.shape[0], x.device)
-            x = crop_flip_batch(x, top, left, flip, int(self.aug.padding) if self.aug.crop else 0)
+            top, left, flip = self.draw(x.shape[0], x.device, index, epoch)
+            x = crop_flip_batch(x, top, left, flip, int(self.aug.padding) if self.aug.crop else 0, self.aug.pad_mode)
         return (uint8_to_float(x) - self.mean) / self.std
 
 
@@ -179,6 +236,10 @@ def describe(aug: Optional[AugmentSpec]) -> str:
     if aug is None or not aug.active:
         return "none"
     parts = [aug.mode] if aug.mode != "none" else []
+    if aug.flip and aug.flip_mode != "random":
+        parts.append(f"{aug.flip_mode} flips")
+    if aug.crop and aug.pad_mode != "constant":
+        parts.append(f"{aug.pad_mode} padding {aug.padding}")
     if aug.auto_augment != "none":
         parts.append(aug.auto_augment)
     if aug.reprob > 0:

@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ..errors import UserInputError
-from .augment import AUGMENT_MODES, AUTO_AUGMENTS, resolve_augment_mode
+from .augment import AUGMENT_MODES, AUTO_AUGMENTS, FLIP_MODES, PAD_MODES, resolve_augment_mode
+from .averaging import AVERAGING_MODES
+from .tta import TTA_LEVELS
 from .cli import list_type, parse_list
 from .mixup import check_soft_targets
 
@@ -25,7 +27,34 @@ LEGACY_CONFIG: Dict[str, Any] = {
     "augment": "none", "crop_padding": 4, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
     "cutmix": 0.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "device_augment": "auto",
     "small_stem": False, "nesterov": True, "test_folder": None, "decode_once": False, "cache_dir": None,
+    "flip_mode": "random", "crop_pad_mode": "constant", "sched": "cosine", "lr_start_factor": 0.01,
+    "lr_end_factor": 0.0, "lr_scale": {}, "weight_decay_1d": False, "weight_averaging": "none",
+    "wa_every": 5, "wa_decay": 0.95 ** 5, "wa_power": 3.0, "tta": 0, "keep": "best",
 }
+
+#: Values of ``--amp``: True / False, or ``"auto"`` (bf16 where the CPU computes it natively).
+AMP_CHOICES = ("auto", "on", "off")
+
+
+def _amp_value(text: Any) -> Any:
+    if isinstance(text, bool) or text == "auto":
+        return text
+    low = str(text).lower()
+    if low in ("on", "true", "1", "yes"):
+        return True
+    if low in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"--amp must be one of {AMP_CHOICES}, got {text!r}")
+
+
+def _json_scales(text: str) -> Dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--lr-scale must be a JSON object, got {text!r}: {err}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--lr-scale must be a JSON object, got {text!r}")
+    return value
 
 
 class ConfigError(UserInputError):
@@ -75,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
     g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup when both are on")
     g.add_argument("--device-augment", default="auto", choices=["auto", "on", "off"], help="crop/flip/normalise decoded uint8 batches on the device (auto: on CUDA)")
+    g.add_argument("--flip-mode", default="random", choices=list(FLIP_MODES), help="alternating: airbench's derandomised flips (device augmentation only)")
+    g.add_argument("--crop-pad-mode", default="constant", choices=list(PAD_MODES), help="padding of the random crop: zeros or reflect (airbench)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", help="any timm.create_model name")
     g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub)")
@@ -89,9 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="SGD: Nesterov momentum (timm's 'sgd' default)")
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--epochs", type=float, default=15, help="may be fractional: training stops after ceil(epochs * steps per epoch) steps")
     g.add_argument("--warmup-epochs", type=float, default=1.0)
-    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=1e-5, help="cosine: the final learning rate")
+    g.add_argument("--sched", default="cosine", choices=["cosine", "linear"], help="cosine (timm, warm-up from lr * lr_start_factor) or linear: lr_start_factor -> 1 -> lr_end_factor (airbench)")
+    g.add_argument("--lr-start-factor", type=float, default=0.01, help="learning rate at step 0 as a fraction of the peak")
+    g.add_argument("--lr-end-factor", type=float, default=0.0, help="linear schedule: final learning rate as a fraction of the peak")
+    g.add_argument("--lr-scale", type=_json_scales, default={}, help='JSON {pattern: factor}: learning-rate factor for parameters whose name matches the regex (first match wins); "norm_bias" = biases of normalisation layers. The weight decay per step (lr * wd) is kept')
+    g.add_argument("--weight-decay-1d", action=argparse.BooleanOptionalAction, default=False, help="decay biases and other 1-D parameters too (timm's default exempts them)")
+    g.add_argument("--weight-averaging", default="none", choices=list(AVERAGING_MODES), help="lookahead (airbench) or ema of the weights every --wa-every steps; the final weights are the average")
+    g.add_argument("--wa-every", type=int, default=5, help="steps between weight-average updates")
+    g.add_argument("--wa-decay", type=float, default=0.95 ** 5, help="decay of the average at the last step (airbench: 0.95^5)")
+    g.add_argument("--wa-power", type=float, default=3.0, help="decay at step t is wa_decay * (t / T) ** wa_power")
     g.add_argument("--clip-grad", type=float, default=None)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps in total")
     g = p.add_argument_group("auxiliary outliers: energy-bounded fine-tuning (Liu et al. 2020) or Outlier Exposure (Hendrycks et al. 2019)")
@@ -108,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="run folder name (default: <data>-<model>-<loss>)")
     g.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if it exists")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU; on CUDA --amp-dtype")
+    g.add_argument("--amp", nargs="?", const=True, default=False, type=_amp_value, help="mixed precision: bf16 autocast on CPU; on CUDA --amp-dtype. --amp auto: on where bf16 is native (CPU flag avx512_bf16 / amx_bf16, or CUDA), else float32")
+    g.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="force float32")
+    g.add_argument("--tta", type=int, default=0, choices=list(TTA_LEVELS), help="test-time augmentation level for accuracy figures (0 none, 1 flips, 2 flips + 1-px translations); OOD scores never use it")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype on CUDA (float16 uses a grad scaler)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True, help="SyncBatchNorm under DDP on GPUs")
+    g.add_argument("--keep", default="best", choices=["best", "last"], help="what best.pt holds: the epoch of best validation accuracy, or the last epoch (recipes whose final weights are the average)")
     g.add_argument("--stop-after-epochs", type=int, default=None, help="exit after this many epochs of this invocation (for tests of resume)")
     return p
 
@@ -163,9 +206,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "img_size"):
+    for name in ("batch_size", "img_size"):
         if getattr(args, name) is None or getattr(args, name) <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(args, name)!r}")
+    if not isinstance(args.epochs, (int, float)) or isinstance(args.epochs, bool) or not args.epochs > 0:
+        raise ConfigError(f"epochs must be a positive number, got {args.epochs!r}")
+    if isinstance(args.epochs, float) and args.epochs.is_integer():
+        args.epochs = int(args.epochs)
+    validate_optim(args)
     if args.lr <= 0:
         raise ConfigError(f"lr must be > 0, got {args.lr}")
     if not 0 < args.val_fraction < 1:
@@ -173,6 +221,38 @@ def validate(args: argparse.Namespace) -> None:
     if args.channels not in (None, 1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {args.channels}")
     validate_augment(args)
+
+
+def validate_optim(args: argparse.Namespace) -> None:
+    """Check the schedule, learning-rate scales, weight averaging and amp keys (YAML bypasses argparse)."""
+    import re
+
+    for key, allowed in (("sched", ("cosine", "linear")), ("weight_averaging", AVERAGING_MODES),
+                         ("tta", TTA_LEVELS)):
+        if getattr(args, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(args, key)!r}")
+    try:
+        args.amp = _amp_value(args.amp)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("lr_start_factor", "lr_end_factor"):
+        if not 0.0 <= float(getattr(args, key)) <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {getattr(args, key)!r}")
+    if not isinstance(args.lr_scale, dict):
+        raise ConfigError(f"lr_scale must be a mapping of name pattern -> factor, got {args.lr_scale!r}")
+    for pattern, factor in args.lr_scale.items():
+        try:
+            re.compile(str(pattern))
+        except re.error as err:
+            raise ConfigError(f"lr_scale pattern {pattern!r} is not a regular expression: {err}") from None
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not float(factor) > 0:
+            raise ConfigError(f"lr_scale[{pattern!r}] must be a positive number, got {factor!r}")
+    if int(args.wa_every) < 1:
+        raise ConfigError(f"wa_every must be >= 1, got {args.wa_every!r}")
+    if not 0.0 <= float(args.wa_decay) <= 1.0:
+        raise ConfigError(f"wa_decay must lie in [0, 1], got {args.wa_decay!r}")
+    if float(args.wa_power) < 0:
+        raise ConfigError(f"wa_power must be >= 0, got {args.wa_power!r}")
 
 
 def validate_augment(args: argparse.Namespace) -> None:
@@ -184,7 +264,8 @@ def validate_augment(args: argparse.Namespace) -> None:
     from .data import native_channels
 
     for key, allowed in (("augment", AUGMENT_MODES), ("auto_augment", AUTO_AUGMENTS),
-                         ("device_augment", ("auto", "on", "off"))):
+                         ("device_augment", ("auto", "on", "off")), ("flip_mode", FLIP_MODES),
+                         ("crop_pad_mode", PAD_MODES)):
         if getattr(args, key) not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(args, key)!r}")
     for key in ("reprob", "mixup_prob", "mixup_switch_prob"):

@@ -47,8 +47,13 @@ class Classifier(nn.Module):
 
 def create_backbone(name: str, in_chans: int = 3, pretrained: bool = False,
                     pretrained_file: Optional[str] = None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)``; local weights via timm's ``pretrained_cfg_overlay``."""
+    """``timm.create_model(name, num_classes=0)``; local weights via timm's ``pretrained_cfg_overlay``.
+
+    lossbench's own networks (:mod:`lossbench.framework.nets`, e.g. ``lossbench_airbench94``) are
+    registered with timm first, so they are built like any timm name."""
     import timm
+
+    from . import nets  # noqa: F401  (registers lossbench's networks with timm)
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model name {name!r} (see timm.list_models())")

@@ -40,10 +40,33 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``
+    (read from ``/proc/cpuinfo``; ``False`` where it cannot be read). Elsewhere bf16 autocast is
+    emulated and much slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
 def amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``--amp``: bf16 on CPU; on CUDA ``--amp-dtype`` (fp16 uses a grad scaler)."""
+    """Autocast dtype for ``--amp``: bf16 on CPU; on CUDA ``--amp-dtype`` (fp16 uses a grad scaler).
+
+    ``--amp auto``: bf16 on a CPU that computes it natively (:func:`cpu_has_native_bf16`), float32
+    (``None``) on other CPUs; on CUDA as ``--amp``.
+    """
     if not args.amp:
         return None
     if device.type == "cpu":
+        if args.amp == "auto" and not cpu_has_native_bf16():
+            return None
         return torch.bfloat16
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -18,10 +19,11 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from .averaging import WeightAverager
 from .builders import (build_model, build_optimizer, build_scheduler, classification_metrics, load_bundle,
-                       make_loader, predict)
+                       make_loader, predict, total_steps)
 from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from .config import to_dict
 from .ood_sets import get_ood_dataset
@@ -32,6 +34,20 @@ from .mixup import build_mixup, mix_batch, soft_target_loss
 from .models import Classifier
 from .runtime import amp_dtype, rng_state, select_device, seed_everything, set_rng_state
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_ece", "seconds")
+
+
+class _Indexed(Dataset):
+    """``(x, y, i)``: a dataset's samples with their index (for per-sample state such as alternating flips)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return x, y, i
 
 
 def _cycle(loader: DataLoader) -> Iterator:
@@ -135,6 +151,9 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         if self.steps_per_epoch == 0:
             raise ValueError("the training split is empty")
+        self.total_steps = total_steps(args, self.steps_per_epoch)
+        self.averager: Optional[WeightAverager] = None
+        self._averager_state: Optional[Dict[str, Any]] = None
         self.scheduler = build_scheduler(args, self.optimizer, self.steps_per_epoch)
         self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
         self.mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -150,6 +169,9 @@ class Trainer:
     def _device_augment(self) -> Optional[BatchAugment]:
         """:class:`BatchAugment` on the device for decoded uint8 data (``--device-augment``; auto: on CUDA)."""
         mode, b = self.args.device_augment, self.bundle
+        if b.augment is not None and b.augment.batch_only and (mode != "on" or b.train_raw is None):
+            raise ValueError("flip_mode 'alternating' and crop_pad_mode 'reflect' need device_augment 'on' and "
+                             "decoded image-folder data (decode_once)")
         if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
             return None
         usable = b.train_raw is not None and (b.augment is None or b.augment.batchable)
@@ -160,7 +182,8 @@ class Trainer:
             return None
         from .augment import NO_AUGMENT
 
-        return BatchAugment(b.augment or NO_AUGMENT, b.spec.mean, b.spec.std).to(self.device)
+        return BatchAugment(b.augment or NO_AUGMENT, b.spec.mean, b.spec.std, n_samples=len(b.train_raw),
+                            seed=self.args.seed).to(self.device)
 
     # -- state -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int) -> DataLoader:
@@ -168,6 +191,8 @@ class Trainer:
                                      seed=self.args.seed * 1000 + epoch, rank=self.dist.rank,
                                      world_size=self.dist.world_size)
         ds = self.bundle.train_raw if getattr(self, "batch_augment", None) is not None else self.bundle.train
+        if getattr(self, "batch_augment", None) is not None and self.batch_augment.alternating:
+            ds = _Indexed(ds)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.args.workers)
 
     def state(self) -> Dict[str, Any]:
@@ -177,6 +202,7 @@ class Trainer:
             "best_val_acc": self.best_val_acc, "config": to_dict(self.args), "log": list(self.log_rows),
             "rng": rng_state(), "classes": self.bundle.classes, "num_classes": self.bundle.num_classes,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "averager": self.averager.state_dict() if self.averager is not None else None,
         }
 
     def resume(self, path: str) -> None:
@@ -194,6 +220,7 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_val_acc = float(state.get("best_val_acc", -1.0))
         self.log_rows = list(state.get("log", []))
+        self._averager_state = state.get("averager")
         set_rng_state(state["rng"])
 
     def _write_log(self) -> None:
@@ -210,16 +237,20 @@ class Trainer:
 
         args = self.args
         self.model.train()
+        for m in self.model.modules():  # model hooks, e.g. airbench's whitening-bias freeze
+            hook = getattr(m, "on_train_epoch", None)
+            if callable(hook):
+                hook(self.epoch)
         loader = self._train_loader(self.epoch)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{args.epochs}",
                    disable=args.no_progress or not self.dist.is_main, leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            if args.max_steps is not None and self.global_step >= args.max_steps:
+        for batch in bar:
+            if self.global_step >= self.total_steps:
                 break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
             if self.batch_augment is not None:
-                x = self.batch_augment(x)
+                x = self.batch_augment(x, index=batch[2] if len(batch) > 2 else None, epoch=self.epoch)
             y_hard = y
             if self.mixup is not None:
                 x, y = mix_batch(self.mixup, x, y, self.bundle.num_classes)
@@ -247,6 +278,8 @@ class Trainer:
                 self.optimizer.step()
             self.global_step += 1
             self.scheduler.step_update(self.global_step)
+            if self.averager is not None:
+                self.averager.after_step(self.model, self.global_step)
             n = y.shape[0]
             total_loss += float(loss.detach()) * n
             correct += int((logits.argmax(1) == y_hard).sum())
@@ -254,6 +287,28 @@ class Trainer:
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], self.device, self.dist)
         return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def init_from_data(self) -> None:
+        """Call the model's data-dependent initialisation hooks (``init_from_data(images)``, e.g. airbench's
+        patch whitening) with the first ``init_data_size`` normalised, un-augmented training images."""
+        hooks = [m for m in self.model.modules() if callable(getattr(m, "init_from_data", None))]
+        if not hooks:
+            return
+        ds = self.bundle.train_eval
+        n = min(len(ds), max(int(getattr(m, "init_data_size", 5000)) for m in hooks))
+        images = torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]).to(self.device)
+        for m in hooks:
+            m.init_from_data(images[: int(getattr(m, "init_data_size", n))])
+
+    def _start_averaging(self) -> None:
+        args = self.args
+        if args.weight_averaging == "none":
+            return
+        planned = total_steps(argparse.Namespace(epochs=args.epochs, max_steps=None), self.steps_per_epoch)
+        self.averager = WeightAverager(self.model, args.weight_averaging, planned, args.wa_every, args.wa_decay,
+                                       args.wa_power)
+        if self._averager_state is not None:
+            self.averager.load_state_dict(self._averager_state)
 
     def fit(self) -> Dict[str, Any]:
         args, main = self.args, self.dist.is_main
@@ -270,12 +325,20 @@ class Trainer:
             self.resume(last)
             if main:
                 print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}", flush=True)
+        else:
+            self.init_from_data()
+        self._start_averaging()
+        if main:
+            print(f"training {args.model} with {args.loss} on {self.device.type}: "
+                  f"{'autocast ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'float32'}"
+                  f"{' (--amp auto: native bf16 on this CPU)' if args.amp == 'auto' and self.amp_dtype else ''}, "
+                  f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all", flush=True)
         barrier(self.dist)
         if main:
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(to_dict(args), sort_keys=True))
         done_now = 0
-        while self.epoch < args.epochs:
-            if args.max_steps is not None and self.global_step >= args.max_steps:
+        while self.epoch < math.ceil(args.epochs):
+            if self.global_step >= self.total_steps:
                 break
             t0 = time.time()
             row = self.train_epoch()
@@ -285,7 +348,7 @@ class Trainer:
                 row.update(epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
                            val_loss=val["loss"], val_acc=val["acc"], val_ece=val["ece"], seconds=time.time() - t0)
                 self.log_rows.append(row)
-                improved = val["acc"] > self.best_val_acc
+                improved = val["acc"] > self.best_val_acc or args.keep == "last"
                 if improved:
                     self.best_val_acc = val["acc"]
                 state = self.state()
