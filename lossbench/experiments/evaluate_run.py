@@ -23,7 +23,7 @@ from ood import FeatureCache, FeaturePasses, evaluate_ood, list_scores
 from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
 
 from ..errors import UserInputError
-from ..framework.builders import classification_metrics, load_run, make_loader
+from ..framework.builders import classification_metrics, load_run, make_loader, predict
 from ..framework.data import DataBundle
 from ..framework.ood_sets import get_ood_dataset
 from ..framework.io import atomic_write_json, atomic_write_text
@@ -98,8 +98,12 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
                    batch_size: int = 256, max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
                    embedding_distance: Optional[str] = None, progress: bool = False,
                    val_ood: Optional[str] = None, search: bool = False,
-                   feature_cache_dir: Optional[str] = None) -> Dict[str, Any]:
+                   feature_cache_dir: Optional[str] = None, tta: int = 0) -> Dict[str, Any]:
     """Accuracy, ECE, (embedding quality) and OOD metrics of ``model`` on ``bundle`` (see module docstring).
+
+    ``tta`` > 0 adds ``test.acc_tta`` (and its ECE and NLL), the accuracy of the logits averaged over
+    that test-time augmentation level's views (:mod:`lossbench.framework.tta`); every other figure,
+    OOD scores included, is of the model without TTA (OpenOOD's convention).
 
     ``ood_sets``: a list of OOD set names, or ``{group: [names]}`` (OpenOOD's near / far; each group's
     mean is reported too). ``val_ood``: the validation OOD set (never a test set) on which
@@ -123,6 +127,10 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
     logits, feats, labels = test_d.logits, test_d.features, test_d.labels
     test = dict(classification_metrics(logits, labels), n=int(labels.numel()))
     calibration = calibration_block(logits, labels, val_d.logits, val_d.labels)
+    if tta:
+        tta_logits, tta_labels = predict(model, test_loader, next(model.parameters()).device, tta=tta)
+        m = classification_metrics(tta_logits, tta_labels)
+        test.update(acc_tta=m["acc"], ece_tta=m["ece"], loss_tta=m["loss"], tta_level=int(tta))
     ood_loaders = {}
     for name in ood_sets:
         ds = get_ood_dataset(name, bundle, root=data_root, n_noise=n_noise, seed=seed, max_samples=max_ood_samples)
@@ -158,13 +166,15 @@ def evaluate_checkpoint(checkpoint: str, ood_sets: Union[None, Sequence[str], Ma
                         max_ood_samples: Optional[int] = 2000, n_noise: int = 1000,
                         embedding_distance: Optional[str] = None, progress: bool = False,
                         val_ood: Optional[str] = None, search: bool = False,
-                        feature_cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """:func:`evaluate_model` on the run saved in ``checkpoint`` (its model, data and seed)."""
+                        feature_cache_dir: Optional[str] = None, tta: Optional[int] = None) -> Dict[str, Any]:
+    """:func:`evaluate_model` on the run saved in ``checkpoint`` (its model, data and seed); ``tta``
+    ``None``: the run's own ``tta`` setting."""
     model, args, bundle, state = load_run(checkpoint, device)
     result = evaluate_model(model, bundle, ood_sets, scores, score_kwargs, convention,
                             data_root if data_root is not None else args.data_root, args.seed, batch_size,
                             max_ood_samples, n_noise, embedding_distance, progress, val_ood=val_ood,
-                            search=search, feature_cache_dir=feature_cache_dir)
+                            search=search, feature_cache_dir=feature_cache_dir,
+                            tta=int(getattr(args, "tta", 0)) if tta is None else int(tta))
     head = {"checkpoint": os.path.abspath(checkpoint), "epoch": int(state["epoch"]), "config": state["config"]}
     return {**head, **result}
 
@@ -173,7 +183,10 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     """The Markdown summary of one evaluation: classification line, OOD sets, the OOD tables."""
     t = result["test"]
     head = (f"Classification on the test split ({t['n']} images): top-1 accuracy {100 * t['acc']:.2f} %, "
-            f"ECE (15 bins) {100 * t['ece']:.2f} %, NLL {t['loss']:.4f}.\n\n"
+            f"ECE (15 bins) {100 * t['ece']:.2f} %, NLL {t['loss']:.4f}."
+            + (f" With test-time augmentation (level {t['tta_level']}): accuracy {100 * t['acc_tta']:.2f} %, "
+               f"ECE {100 * t['ece_tta']:.2f} % (OOD scores below: without it)." if "acc_tta" in t else "")
+            + "\n\n"
             f"OOD sets: " + ", ".join(f"{k} ({n})" for k, n in result["ood_sets"].items()) + ".\n\n")
     text = head + markdown_table(result["ood"])
     if "calibration" in result:

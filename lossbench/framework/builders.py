@@ -166,13 +166,17 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every sample of ``loader`` (model in eval mode)."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, tta: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every sample of ``loader`` (model in eval mode); ``tta`` > 0: the logits
+    averaged over the test-time augmentation views of that level (:mod:`.tta`)."""
+    from .tta import tta_logits
+
     was_training = model.training
     model.eval()
     outs, labels = [], []
     for x, y in loader:
-        outs.append(model(x.to(device)).float().cpu())
+        x = x.to(device)
+        outs.append((tta_logits(model, x, tta) if tta else model(x)).float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     if not outs:

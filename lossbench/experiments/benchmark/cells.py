@@ -80,7 +80,7 @@ def evaluate_cell(cfg: BenchConfig, args: argparse.Namespace, last_epoch: int) -
                             seed=args.seed, batch_size=cfg.eval_batch_size, max_ood_samples=cfg.max_ood_samples,
                             n_noise=cfg.n_noise, embedding_distance=cfg.embedding_distance,
                             val_ood=eval_val_ood(cfg, args.data_root), search=cfg.search,
-                            feature_cache_dir=os.path.join(run_dir, "features"))
+                            feature_cache_dir=os.path.join(run_dir, "features"), tta=int(getattr(args, "tta", 0)))
     result = {"epoch": int(state["epoch"]), "config": state["config"], **result,
               "cell": {"loss": args.loss, "seed": args.seed}}
     save_scores(os.path.join(run_dir, "scores.npz"), result["ood"]["scores"])

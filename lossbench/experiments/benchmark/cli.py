@@ -22,7 +22,7 @@ def build_parser_bench() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=list_type(int, "seeds"), default=None, help="comma-separated seeds, e.g. 0,1")
     p.add_argument("--scores", type=list_type(str, "names"), default=None, help="comma-separated OOD scores")
     p.add_argument("--ood", type=list_type(str, "names"), default=None, help="comma-separated OOD sets")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs")
+    p.add_argument("--epochs", type=float, default=None, help="train.epochs (may be fractional)")
     p.add_argument("--model", default=None, help="train.model (a timm name)")
     p.add_argument("--img-size", type=int, default=None, help="train.img_size")
     p.add_argument("--max-train-samples", type=int, default=None, help="train.max_train_samples")
