@@ -6,6 +6,8 @@ absorbs torch.compile's compilation) and is then timed over ``--steps`` optimisa
 
     python bench/train.py                       # resnet18 on the digits set, 32x32, batch 64
     python bench/train.py --model resnet10t --steps 20 --variants bare,ours,channels_last
+    python bench/train.py --case fast --data imagefolder:../shared/datasets/cifar10-jpeg-subset \
+        --batch-size 1024 --steps 8 --warmup 2 --variants bare,ours,bare,ours --repeats 1
     python bench/train.py --case cifar-aug --data imagefolder:../shared/datasets/cifar10-jpeg-subset \
         --model resnet18 --small-stem --batch-size 128 --variants bare,ours
 
@@ -115,6 +117,66 @@ def bare_augmented_loop(trainer: Trainer, steps: int, warmup: int) -> float:
     return n_img / (time.perf_counter() - t0)
 
 
+def bare_fast_loop(trainer: Trainer, steps: int, warmup: int) -> float:
+    """airbench94's loop by hand on the same decoded images: the timm-registered network with its own
+    bias-free classifier, whitening from 5,000 images, per-batch alternating flip + reflect-padded 2-px
+    translation on one in-memory tensor, SGD + Nesterov with the x64 BatchNorm-bias group, label-smoothed
+    cross-entropy, bf16 autocast where the trainer uses it, channels-last, Lookahead every 5 steps."""
+    import timm
+
+    from lossbench.framework.nets.airbench import whitening_filters
+
+    args, b = trainer.args, trainer.bundle
+    raw = [b.train_raw[i] for i in range(len(b.train_raw))]
+    images = torch.stack([x for x, _ in raw])
+    labels = torch.tensor([y for _, y in raw])
+    mean = torch.tensor(b.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(b.spec.std).view(1, -1, 1, 1)
+    seed_everything(args.seed)
+    model = timm.create_model(args.model, num_classes=b.num_classes).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.stem.weight.copy_(whitening_filters((images[:5000].float() / 255 - mean) / std))
+    norm = [p for n, p in model.named_parameters() if "norm" in n and p.requires_grad]
+    other = [p for n, p in model.named_parameters() if "norm" not in n and p.requires_grad]
+    wd = args.weight_decay
+    opt = torch.optim.SGD([dict(params=norm, lr=args.lr * 64, weight_decay=wd / 64),
+                           dict(params=other, lr=args.lr, weight_decay=wd)], momentum=args.momentum, nesterov=True)
+    ema = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    base_flip = torch.rand(len(labels)) < 0.5
+    amp = trainer.amp_dtype
+    model.train()
+    n_img, t0, step, epoch = 0, None, 0, 0
+    while step < warmup + steps:
+        perm = torch.randperm(len(labels))
+        for i in range(len(labels) // args.batch_size):
+            if step == warmup:
+                t0, n_img = time.perf_counter(), 0
+            if step == warmup + steps:
+                break
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            x = (images[idx].float() / 255 - mean) / std
+            flip = base_flip[idx] ^ bool(epoch % 2)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            xp = F.pad(x, (2, 2, 2, 2), mode="reflect")
+            sy, sx = torch.randint(0, 5, (2,))
+            x = xp[:, :, sy:sy + 32, sx:sx + 32].contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 5 == 0:
+                with torch.no_grad():
+                    state = model.state_dict()
+                    for k, a in ema.items():
+                        a.lerp_(state[k], 0.5)
+                        state[k].copy_(a)
+            n_img += len(idx)
+        epoch += 1
+    return n_img / (time.perf_counter() - t0)
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -147,8 +209,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--case", default="plain", choices=["plain", "cifar-aug"],
-                   help="plain: AdamW, no augmentation; cifar-aug: crop + flip, SGD + Nesterov")
+    p.add_argument("--case", default="plain", choices=["plain", "cifar-aug", "fast"],
+                   help="plain: AdamW, no augmentation; cifar-aug: crop + flip, SGD + Nesterov; "
+                        "fast: configs/cifar10_fast.yaml (airbench94) against bare_fast_loop")
     p.add_argument("--small-stem", action="store_true")
     a = p.parse_args()
     base = ["--model", a.model, "--data", a.data, "--img-size", str(a.img_size), "--batch-size", str(a.batch_size),
@@ -156,6 +219,10 @@ def main() -> None:
     base += ["--small-stem"] if a.small_stem else []
     if a.data.startswith("imagefolder:"):
         base += ["--cache-dir", "build/cache"]  # decode the folder once for all variants
+    if a.case == "fast":  # the recipe's own options; --data / --batch-size / --model still apply
+        base = ["-c", "configs/cifar10_fast.yaml"] + base
+        if a.model == "resnet18":
+            base[base.index("--model") + 1] = "lossbench_airbench94"
     if a.case == "cifar-aug":
         base += ["--augment", "cifar", "--opt", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--nesterov"]
     elif not a.data.startswith("imagefolder:"):
@@ -169,7 +236,9 @@ def main() -> None:
     for v in variants:
         runs = all_runs.setdefault(v, [])
         for _ in range(a.repeats):
-            if v == "bare" and a.case == "cifar-aug":
+            if v == "bare" and a.case == "fast":
+                runs.append(bare_fast_loop(ref_trainer, a.steps, a.warmup))
+            elif v == "bare" and a.case == "cifar-aug":
                 runs.append(bare_augmented_loop(ref_trainer, a.steps, a.warmup))
             elif v == "bare":
                 runs.append(bare_loop(ref_trainer, a.steps, a.warmup))

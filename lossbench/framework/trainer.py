@@ -246,7 +246,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{args.epochs}",
                    disable=args.no_progress or not self.dist.is_main, leave=False, dynamic_ncols=True)
         for batch in bar:
-            if self.global_step >= self.total_steps:
+            if self.global_step >= self.total_steps or (args.max_steps is not None and self.global_step >= args.max_steps):
                 break
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
             if self.batch_augment is not None:
