@@ -11,9 +11,9 @@ export CUDA_HOME
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Build (or find in the cache) the C++/CUDA extension of cut cross-entropy.
