@@ -6,6 +6,7 @@ Convention everywhere: **a higher score means more in-distribution**. Every scor
 float64, plus tensor-level twins (``score_logits``; ``fit_features`` / ``score_features``).
 """
 
+from .adapter import AdaptedClassifier, adapt_classifier
 from .evaluate import FeaturePasses, evaluate_ood
 from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
@@ -26,7 +27,7 @@ from .scores import (
 )
 
 __all__ = [
-    "evaluate_ood", "FeaturePasses", "ood_metrics", "CONVENTIONS", "FeatureCache",
+    "adapt_classifier", "AdaptedClassifier", "evaluate_ood", "FeaturePasses", "ood_metrics", "CONVENTIONS", "FeatureCache",
     "create_score", "list_scores", "register_score", "grid_of", "grid_points", "group_means", "search_score",
     "expected_calibration_error", "adaptive_calibration_error", "classwise_calibration_error",
     "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",

@@ -30,8 +30,12 @@ Layers = Union[str, Sequence[Union[int, str]]]
 
 
 def penultimate_features(model: nn.Module, x: Tensor) -> Tensor:
-    """Penultimate features ``(N, D)``: ``model.features(x)``, or a timm classifier's pre-logits."""
-    if callable(getattr(model, "features", None)):
+    """Penultimate features ``(N, D)``: ``model.features(x)``, a timm classifier's pre-logits, or for any
+    other classifier the input of its final linear layer (:func:`ood.adapter.as_adapted`)."""
+    from .adapter import as_adapted
+
+    model = as_adapted(model)
+    if callable(getattr(model, "features", None)) and not isinstance(model.features, nn.Module):
         return model.features(x)
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         return model.forward_head(model.forward_features(x), pre_logits=True)

@@ -104,6 +104,9 @@ class Classifier:
 
 def _logits_fn(model: nn.Module) -> Tuple[Optional[Callable[[Tensor], Tensor]], str]:
     """The function features -> logits the model exposes (``model.head.logits``), else ``None``."""
+    from ..adapter import as_adapted
+
+    model = as_adapted(model)
     head = getattr(model, "head", None)
     if head is not None and callable(getattr(head, "logits", None)):
         return head.logits, type(head).__name__
@@ -133,6 +136,9 @@ def collect_features(model: nn.Module, loader: Iterable, what: str = "loader") -
 
 def _linear_candidate(model: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor], str]:
     """(weight, bias, where) the model seems to expose: ``head.fc``, ``head.weight``/``bias``, ``model.fc``."""
+    from ..adapter import as_adapted
+
+    model = as_adapted(model)
     head = getattr(model, "head", None)
     for owner, where in ((head, "head"), (model, "model")):
         if owner is None:

@@ -1,0 +1,148 @@
+"""Any classifier as (penultimate features -> final linear layer), so every score runs on it.
+
+The scores need two things of a model: its penultimate features ``h`` and the linear layer ``z = W h + b``
+that turns them into logits. lossbench models and timm classifiers expose both; for anything else,
+:func:`adapt_classifier` finds them in the model's traced graph
+(``torchvision.models.feature_extraction.create_feature_extractor``, torch.fx): the node that produces
+the model's output must be an ``nn.Linear`` module call, and its input is the penultimate layer. This
+covers torchvision's ResNet, MobileNet, EfficientNet, ConvNeXt, ViT, Swin, DenseNet and VGG families and
+an ``nn.Sequential`` ending in a linear layer (tested). Anything else is an error naming the operation
+that produces the output, never a guess; pass ``features=`` and ``head=`` callables instead.
+
+>>> model = ood.adapt_classifier(torchvision.models.resnet18(num_classes=10))
+>>> h = model.features(x); logits = model(x)        # logits == the original model's output
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["AdaptedClassifier", "adapt_classifier", "as_adapted", "has_feature_interface"]
+
+
+def has_feature_interface(model: nn.Module) -> bool:
+    """Whether the scores can already use ``model``: ``features(x)``, or a timm classifier's
+    ``forward_features`` / ``forward_head``."""
+    return callable(getattr(model, "features", None)) and not isinstance(getattr(model, "features"), nn.Module) or (
+        hasattr(model, "forward_features") and hasattr(model, "forward_head"))
+
+
+class AdaptedClassifier(nn.Module):
+    """``model`` seen as ``head(features(x))``: ``features(x)`` -> ``(N, D)``, ``forward(x)`` -> logits,
+    ``head`` / ``get_classifier()`` -> the final layer (an ``nn.Linear`` when found by tracing).
+
+    ``source`` says how the two were found (for error messages and reports).
+    """
+
+    def __init__(self, model: nn.Module, features: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor],
+                 source: str):
+        super().__init__()
+        self.model = model
+        self._features = features
+        self.head = head if isinstance(head, nn.Module) else _CallableHead(head)
+        self.source = source
+
+    def features(self, x: Tensor) -> Tensor:
+        h = self._features(x)
+        if not isinstance(h, Tensor) or h.dim() != 2:
+            raise ValueError(f"features ({self.source}) must return (N, D) tensors, got "
+                             f"{tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}")
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+class _CallableHead(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fn(h)
+
+
+def adapt_classifier(model: nn.Module, features: Optional[Callable[[Tensor], Tensor]] = None,
+                     head: Optional[Callable[[Tensor], Tensor]] = None) -> nn.Module:
+    """``model`` ready for every score (see the module docstring).
+
+    - ``features`` and ``head`` given: used as they are (``head(features(x))`` must be the logits);
+    - a model with the feature interface already (lossbench ``Classifier``, timm classifiers): returned
+      unchanged;
+    - otherwise the traced graph gives the input of the final ``nn.Linear`` as the features.
+    """
+    if (features is None) != (head is None):
+        raise ValueError("pass both features= and head= (callables), or neither")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if features is not None:
+        if not callable(features) or not callable(head):
+            raise TypeError("features and head must be callables (x -> (N, D) features, features -> logits)")
+        return AdaptedClassifier(model, features, head, "user-given features / head")
+    if isinstance(model, AdaptedClassifier) or has_feature_interface(model):
+        return model
+    return _traced(model)
+
+
+def _traced(model: nn.Module) -> AdaptedClassifier:
+    try:
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    except ImportError as err:  # pragma: no cover - torchvision is a dependency of the framework only
+        raise ImportError("adapting a model without features(x) needs torchvision's feature extraction "
+                          "(pip install torchvision), or pass features= and head=") from err
+    was_training = model.training
+    try:
+        _, eval_nodes = get_graph_node_names(model)
+    except Exception as err:  # tracing fails on data-dependent control flow
+        raise ValueError(f"{type(model).__name__} could not be traced to find its penultimate layer "
+                         f"({type(err).__name__}: {err}); pass features= and head= callables") from None
+    finally:
+        model.train(was_training)
+    last = eval_nodes[-1]
+    gm = create_feature_extractor(model, return_nodes={last: "out"})
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out_node.args[0]
+    producer = value["out"] if isinstance(value, dict) else value
+    modules = dict(model.named_modules())
+    if producer.op != "call_module" or not isinstance(modules.get(str(producer.target)), nn.Linear):
+        what = f"{producer.op} {producer.target}"
+        if producer.op == "call_module":
+            what += f" ({type(modules.get(str(producer.target))).__name__})"
+        raise ValueError(f"{type(model).__name__}'s output is produced by {what}, not by an nn.Linear layer; "
+                         "pass features= (x -> penultimate features) and head= (features -> logits)")
+    linear_name = str(producer.target)
+    h_node = producer.args[0]
+    out_node.args = ({"features": h_node},)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.train(model.training)
+    fx = gm
+
+    def features(x: Tensor) -> Tensor:
+        fx.train(model.training)
+        return fx(x)["features"]
+
+    adapted = AdaptedClassifier(model, features, modules[linear_name],
+                                f"{type(model).__name__}: input of its final linear layer {linear_name!r}")
+    adapted.add_module("_extractor", fx)
+    return adapted
+
+
+_ADAPTED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def as_adapted(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has the feature interface, else its (cached) :func:`adapt_classifier` view."""
+    if isinstance(model, AdaptedClassifier) or has_feature_interface(model):
+        return model
+    adapted = _ADAPTED.get(model)
+    if adapted is None:
+        adapted = _ADAPTED[model] = adapt_classifier(model)
+    return adapted
