@@ -68,12 +68,13 @@ PER_SET_SOURCES: Dict[str, str] = {
              "results/cifar10_resnet18_32x32_base_e100_lr0.1_default/ood/scale.csv (OpenOOD's evaluation "
              "CSV, mean ± std over the 3 checkpoints; nearood 82.55 / farood 86.39 as on the leaderboard)",
     "gen": "https://github.com/Jingkang50/OpenOOD/issues/172 (GEN's author, table '## CIFAR10', mean ± std "
-           "over the 3 checkpoints; nearood 88.20 as on the leaderboard; the texture row was not in the "
-           "stored copy of the thread)",
+           "over the 3 checkpoints; nearood 88.20 as on the leaderboard; its texture row could not be "
+           "read, so it is left out)",
     "fdbd": "litianliu/fDBD-OOD@961621e320bfeb9d7456356945fdcafb8a12868b:fDBD_demo_on_openood.ipynb, "
-            "output of cell 17 (OpenOOD's Evaluator on checkpoint s0 only; nearood 90.42 as on the "
-            "leaderboard, farood 93.00 against the leaderboard's 93.16)",
+            "output of the fDBD eval_ood cell, index 17 (OpenOOD's Evaluator on checkpoint s0 only; "
+            "nearood 90.42 as on the leaderboard, farood 93.00 against the leaderboard's 93.16)",
 }
+
 
 def read_row(path: str, loss: str) -> dict:
     with open(path, newline="", encoding="utf-8") as f:
@@ -90,7 +91,7 @@ def value(row: dict, score: str, group: str):
 
 
 def set_value(row: dict, score: str, our_set: str) -> Optional[float]:
-    """Our AUROC of ``score`` on ``our_set`` in %, from the column ``{score}_{our_set}_auroc_mean``; None when absent."""
+    """Our AUROC of ``score`` on ``our_set`` in % (column ``{score}_{our_set}_auroc_mean``); None when absent."""
     v = row.get(f"{score}_{our_set}_auroc_mean", "")
     return 100 * float(v) if v not in ("", None) else None
 
@@ -126,7 +127,7 @@ def per_set_rows(row: dict, openood_set: str) -> Tuple[List[dict], int, int]:
 
 def print_per_set(row: dict, loss: str) -> None:
     """Per OpenOOD set of :data:`PER_SET_SETS`: score | OpenOOD AUROC | ours | gap | sides of MSP | agree."""
-    print("\nPer OOD set (AUROC in %; OpenOOD figures and their sources: bench/openood_compare.py):")
+    print("\nPer OOD set (AUROC in %; the sources of OpenOOD's figures follow the tables):")
     agree_all = total_all = 0
     for openood_set, (_, heading) in PER_SET_SETS.items():
         rows, agree, total = per_set_rows(row, openood_set)
@@ -154,6 +155,9 @@ def print_per_set(row: dict, loss: str) -> None:
                   "OpenOOD's per-set MSP figure: not found.")
     print(f"\nPer-set sides of MSP that agree with OpenOOD's: {agree_all} of {total_all} (sets and scores "
           "where OpenOOD's and our side are both known; OpenOOD's needs its per-set MSP figure).")
+    print("\nSources of OpenOOD's per-set figures:")
+    for score in OPENOOD_PER_SET:
+        print(f"- {score}: {PER_SET_SOURCES.get(score, 'not recorded')}")
 
 
 def main(argv=None) -> int:
