@@ -11,8 +11,8 @@ Textures, Places365). Ours: ``leaderboard.csv`` of a benchmark run with ``ood_se
 direction, not of numbers. Losses other than cross-entropy are compared with OpenOOD's CE column.
 
 Per-set comparison (:data:`PER_SET_SETS`): OpenOOD ``tin`` = our ``tinyimagenet_test``, ``mnist`` = our
-``mnist``, ``texture`` (all 47 DTD classes) = our ``dtd-subset``, which is a 10-class subset of DTD, so
-that row compares different image sets. OpenOOD publishes per-set AUROCs only in a spreadsheet outside
+``mnist``, ``texture`` (DTD) = our ``dtd-subset``, which is a 10-class subset of DTD, so that row
+compares different image sets. OpenOOD publishes per-set AUROCs only in a spreadsheet outside
 its repositories; :data:`OPENOOD_PER_SET` holds the figures found in public repositories and issue
 threads, each with its source in :data:`PER_SET_SOURCES`:
 
@@ -50,8 +50,8 @@ OPENOOD_CIFAR10 = {
 PER_SET_SETS: Dict[str, Tuple[str, str]] = {
     "tin": ("tinyimagenet_test", "Tiny-ImageNet (OpenOOD `tin`, ours `tinyimagenet_test`)"),
     "mnist": ("mnist", "MNIST (OpenOOD `mnist`, ours `mnist`)"),
-    "texture": ("dtd-subset", "Textures (OpenOOD `texture`: all of DTD; ours `dtd-subset`: a 10-class DTD "
-                              "subset, so the images differ)"),
+    "texture": ("dtd-subset", "Textures (OpenOOD `texture`: DTD; ours `dtd-subset`: a 10-class DTD subset, "
+                              "so the images differ)"),
 }
 
 #: score name here -> {OpenOOD set: AUROC in %}, CIFAR-10 / ResNet-18 trained with cross-entropy.
