@@ -1,14 +1,31 @@
 #!/usr/bin/env python
-"""Our CIFAR-10 track next to OpenOOD v1.5's CIFAR-10 / ResNet-18 leaderboard: near / far AUROC per
-score, and which scores rank above MSP in each.
+"""Our CIFAR-10 track next to OpenOOD v1.5's CIFAR-10 / ResNet-18 results: near / far AUROC per score
+and which scores rank above MSP in each, then the same per OOD set wherever OpenOOD reports a set of ours.
 
     python bench/openood_compare.py runs/bench_cifar10_cpu [--loss ce]
 
-OpenOOD's numbers: its leaderboard file ``results/cifar10.csv`` (near / far AUROC in %, mean over 3
+OpenOOD's near / far numbers: its leaderboard file ``results/cifar10.csv`` (AUROC in %, mean over 3
 ResNet-18 checkpoints trained with cross-entropy; near = CIFAR-100 + Tiny-ImageNet, far = MNIST, SVHN,
 Textures, Places365). Ours: ``leaderboard.csv`` of a benchmark run with ``ood_sets: {near: ..., far: ...}``
 (here near = Tiny-ImageNet only, far = MNIST, Textures, notMNIST), so the comparison is one of
 direction, not of numbers. Losses other than cross-entropy are compared with OpenOOD's CE column.
+
+Per-set comparison (:data:`PER_SET_SETS`): OpenOOD ``tin`` = our ``tinyimagenet_test``, ``mnist`` = our
+``mnist``, ``texture`` (DTD) = our ``dtd-subset``, which is a 10-class subset of DTD, so that row
+compares different image sets. OpenOOD publishes per-set AUROCs only in a spreadsheet outside
+its repositories; :data:`OPENOOD_PER_SET` holds the figures found in public repositories and issue
+threads, each with its source in :data:`PER_SET_SOURCES`:
+
+- SCALE: tin, mnist, texture (mean over the 3 checkpoints; its near / far means equal the leaderboard's).
+- GEN: tin, mnist (mean over the 3 checkpoints; near mean equals the leaderboard's). No texture figure found.
+- fDBD: tin, mnist, texture, from checkpoint ``s0`` only, as is the leaderboard's fDBD entry (±0.00);
+  that run's near mean equals the leaderboard's (90.42), its far mean (93.00) does not (93.16).
+
+No published per-set figure was found for MSP, ODIN, EBO, MDS, RMDS, GradNorm, ReAct, MLS, KLM, ViM,
+KNN, DICE, ASH, SHE or Relation (Relation's per-set CSVs exist only as attachments to OpenOOD pull
+request 207; KNN's only as a single-checkpoint run in fDBD's demo notebook, not the 3-checkpoint mean
+of the leaderboard). Without an OpenOOD per-set MSP figure OpenOOD's side of MSP per set is unknown,
+so the per-set agreement count stays empty (0 of 0) until one is added to :data:`OPENOOD_PER_SET`.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ import argparse
 import csv
 import os
 import sys
+from typing import Dict, List, Optional, Tuple
 
 #: score name here -> (OpenOOD method, near AUROC, far AUROC), OpenOOD v1.5 results/cifar10.csv.
 OPENOOD_CIFAR10 = {
@@ -26,6 +44,35 @@ OPENOOD_CIFAR10 = {
     "vim": ("ViM", 88.68, 93.48), "knn": ("KNN", 90.64, 92.96), "dice": ("DICE", 78.34, 84.23),
     "ash_b": ("ASH", 75.27, 78.49), "she": ("SHE", 81.54, 85.32), "gen": ("GEN", 88.20, 91.35),
     "scale": ("SCALE", 82.55, 86.39), "relation": ("Relation", 89.77, 92.21), "fdbd": ("fDBD", 90.42, 93.16),
+}
+
+#: OpenOOD set -> (our set in leaderboard.csv column names, heading).
+PER_SET_SETS: Dict[str, Tuple[str, str]] = {
+    "tin": ("tinyimagenet_test", "Tiny-ImageNet (OpenOOD `tin`, ours `tinyimagenet_test`)"),
+    "mnist": ("mnist", "MNIST (OpenOOD `mnist`, ours `mnist`)"),
+    "texture": ("dtd-subset", "Textures (OpenOOD `texture`: DTD; ours `dtd-subset`: a 10-class DTD subset, "
+                              "so the images differ)"),
+}
+
+#: score name here -> {OpenOOD set: AUROC in %}, CIFAR-10 / ResNet-18 trained with cross-entropy.
+#: Only figures found in the sources of :data:`PER_SET_SOURCES`; a set without a figure is absent.
+OPENOOD_PER_SET: Dict[str, Dict[str, float]] = {
+    "scale": {"tin": 83.84, "mnist": 90.58, "texture": 83.94},
+    "gen": {"tin": 89.20, "mnist": 93.83},
+    "fdbd": {"tin": 91.48, "mnist": 94.59, "texture": 92.83},
+}
+
+#: score name here -> where its :data:`OPENOOD_PER_SET` figures were read.
+PER_SET_SOURCES: Dict[str, str] = {
+    "scale": "kai422/SCALE@a4d1115153bd0ac2f3ee1a71ec0f2abbe1a35f5a:"
+             "results/cifar10_resnet18_32x32_base_e100_lr0.1_default/ood/scale.csv (OpenOOD's evaluation "
+             "CSV, mean ± std over the 3 checkpoints; nearood 82.55 / farood 86.39 as on the leaderboard)",
+    "gen": "https://github.com/Jingkang50/OpenOOD/issues/172 (GEN's author, table '## CIFAR10', mean ± std "
+           "over the 3 checkpoints; nearood 88.20 as on the leaderboard; its texture row could not be "
+           "read, so it is left out)",
+    "fdbd": "litianliu/fDBD-OOD@961621e320bfeb9d7456356945fdcafb8a12868b:fDBD_demo_on_openood.ipynb, "
+            "output of the fDBD eval_ood cell, index 17 (OpenOOD's Evaluator on checkpoint s0 only; "
+            "nearood 90.42 as on the leaderboard, farood 93.00 against the leaderboard's 93.16)",
 }
 
 
@@ -41,6 +88,76 @@ def value(row: dict, score: str, group: str):
     key = f"{score}_group:{group}_auroc_mean"
     v = row.get(key, "")
     return 100 * float(v) if v not in ("", None) else None
+
+
+def set_value(row: dict, score: str, our_set: str) -> Optional[float]:
+    """Our AUROC of ``score`` on ``our_set`` in % (column ``{score}_{our_set}_auroc_mean``); None when absent."""
+    v = row.get(f"{score}_{our_set}_auroc_mean", "")
+    return 100 * float(v) if v not in ("", None) else None
+
+
+def side(v: Optional[float], ref: Optional[float]) -> str:
+    """``'above'`` / ``'below'`` MSP's ``ref``, ``''`` when either is unknown."""
+    return "" if v is None or ref is None else ("above" if v > ref else "below")
+
+
+def per_set_rows(row: dict, openood_set: str) -> Tuple[List[dict], int, int]:
+    """The per-set comparison on one OpenOOD set: one dict per score with a figure in :data:`OPENOOD_PER_SET`
+    (keys ``score``, ``openood``, ``ours``, ``gap``, ``side_openood``, ``side_ours``, ``agree``), and the
+    number of agreeing sides of MSP and of comparable ones (both OpenOOD's and our side known)."""
+    our_set = PER_SET_SETS[openood_set][0]
+    oo_msp = OPENOOD_PER_SET.get("msp", {}).get(openood_set)
+    ours_msp = set_value(row, "msp", our_set)
+    rows, agree, total = [], 0, 0
+    for score, sets in OPENOOD_PER_SET.items():
+        if openood_set not in sets:
+            continue
+        oo, ours = sets[openood_set], set_value(row, score, our_set)
+        r = {"score": score, "openood": oo, "ours": ours, "gap": None if ours is None else ours - oo,
+             "side_openood": "", "side_ours": "", "agree": None}
+        if score != "msp":
+            r["side_openood"], r["side_ours"] = side(oo, oo_msp), side(ours, ours_msp)
+            if r["side_openood"] and r["side_ours"]:
+                r["agree"] = r["side_openood"] == r["side_ours"]
+                total += 1
+                agree += r["agree"]
+        rows.append(r)
+    return rows, agree, total
+
+
+def print_per_set(row: dict, loss: str) -> None:
+    """Per OpenOOD set of :data:`PER_SET_SETS`: score | OpenOOD AUROC | ours | gap | sides of MSP | agree."""
+    print("\nPer OOD set (AUROC in %; the sources of OpenOOD's figures follow the tables):")
+    agree_all = total_all = 0
+    for openood_set, (_, heading) in PER_SET_SETS.items():
+        rows, agree, total = per_set_rows(row, openood_set)
+        agree_all, total_all = agree_all + agree, total_all + total
+        print(f"\n{heading}\n")
+        print(f"| score | OpenOOD AUROC | ours AUROC ({loss}) | gap (ours - OpenOOD) | "
+              "vs MSP: OpenOOD / ours | agree |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            name = OPENOOD_CIFAR10[r["score"]][0] if r["score"] in OPENOOD_CIFAR10 else r["score"]
+            ours = "skipped" if r["ours"] is None else f"{r['ours']:.2f}"
+            gap = "-" if r["gap"] is None else f"{r['gap']:+.2f}"
+            if r["score"] == "msp":
+                sides, same = "(reference)", ""
+            else:
+                sides = (f"{r['side_openood'] or 'n/a (no OpenOOD MSP figure)'} / "
+                         f"{r['side_ours'] or ('skipped' if r['ours'] is None else 'n/a')}")
+                same = "-" if r["agree"] is None else ("yes" if r["agree"] else "no")
+            print(f"| {r['score']} ({name}) | {r['openood']:.2f} | {ours} | {gap} | {sides} | {same} |")
+        if not rows:
+            print("| (no OpenOOD figure for this set) | | | | | |")
+        if "msp" not in OPENOOD_PER_SET or openood_set not in OPENOOD_PER_SET["msp"]:
+            ours_msp = set_value(row, "msp", PER_SET_SETS[openood_set][0])
+            print(f"\nOur MSP here: {'skipped' if ours_msp is None else f'{ours_msp:.2f}'}; "
+                  "OpenOOD's per-set MSP figure: not found.")
+    print(f"\nPer-set sides of MSP that agree with OpenOOD's: {agree_all} of {total_all} (sets and scores "
+          "where OpenOOD's and our side are both known; OpenOOD's needs its per-set MSP figure).")
+    print("\nSources of OpenOOD's per-set figures:")
+    for score in OPENOOD_PER_SET:
+        print(f"- {score}: {PER_SET_SOURCES.get(score, 'not recorded')}")
 
 
 def main(argv=None) -> int:
@@ -76,6 +193,7 @@ def main(argv=None) -> int:
         fmt = (lambda v: "skipped" if v is None else f"{v:.1f}")
         print(f"| {score} ({name}) | {near:.2f} | {fmt(on)} | {far:.2f} | {fmt(of)} | {cmp_n} | {cmp_f} | {same} |")
     print(f"\nSides of MSP that agree with OpenOOD's: {agree} of {total} (near and far, scores that ran).")
+    print_per_set(row, a.loss)
     return 0
 
 
