@@ -26,7 +26,7 @@ from ..errors import UserInputError
 from ..framework.builders import classification_metrics, load_run, make_loader, predict
 from ..framework.data import DataBundle
 from ..framework.ood_sets import get_ood_dataset
-from ..framework.io import atomic_write_json, atomic_write_text
+from ..framework.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from .embedding import embedding_quality
 from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc
 
@@ -194,15 +194,48 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     return text
 
 
+def save_scores(path: str, raw: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    """The raw per-sample scores ``{score: {set: {'id': array, 'ood': array}}}`` as one compressed npz
+    with keys ``"<score>|<set>|<side>"`` (read back with :func:`load_scores`)."""
+    import numpy as np
+
+    arrays = {f"{score}|{name}|{side}": np.asarray(v, dtype=np.float64) for score, sets in raw.items()
+              for name, sides in sets.items() for side, v in sides.items()}
+    atomic_save_npz(path, arrays)
+
+
+def load_scores(path: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """``scores.npz`` back as ``{score: {set: {'id': array, 'ood': array}}}``."""
+    import numpy as np
+
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            score, set_name, side = key.split("|")
+            out.setdefault(score, {}).setdefault(set_name, {})[side] = z[key]
+    return out
+
+
 def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) -> str:
     """Write ``metrics.json`` (without raw scores), ``results.md`` and (``plots``) ``roc.png``, ``hist.png``,
     ``reliability.png``.
 
-    Every file is written atomically. Returns the Markdown text.
+    Also ``scores.npz``: the per-sample scores behind every OOD metric, one array per
+    ``"<score>|<set>|id"`` / ``"<score>|<set>|ood"`` (compressed; the same arrays the metrics were
+    computed from). ``metrics.json`` is strict JSON (undefined numbers are ``null``), holds paths
+    relative to ``out_dir`` and a ``provenance`` block (library version and commit, torch, device, date).
+    Every file is written atomically and honours the umask. Returns the Markdown text.
     """
+    from .provenance import provenance
+
     ood = result["ood"]
     metrics = {k: v for k, v in result.items() if k != "ood"}
     metrics["ood"] = {k: v for k, v in ood.items() if k != "scores"}
+    if isinstance(metrics.get("checkpoint"), str):
+        metrics["checkpoint"] = os.path.relpath(os.path.abspath(metrics["checkpoint"]), os.path.abspath(out_dir))
+    metrics["provenance"] = provenance()
+    metrics["files"] = {"per_sample_scores": "scores.npz"}
+    save_scores(os.path.join(out_dir, "scores.npz"), ood.get("scores", {}))
     atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
     text = report_markdown(result)
     atomic_write_text(os.path.join(out_dir, "results.md"), text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -23,6 +24,7 @@ def atomic_write_bytes(path: str, write_fn: Callable[[Any], Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX, dir=folder)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; an output file honours the umask
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -43,27 +45,37 @@ def atomic_write_bytes(path: str, write_fn: Callable[[Any], Any]) -> None:
         raise
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` (UTF-8) atomically to ``path``."""
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def to_jsonable(x: Any) -> Any:
-    """``x`` with numpy / torch arrays and scalars turned into lists and Python numbers."""
+    """``x`` with numpy / torch arrays and scalars turned into lists and Python numbers, and NaN / inf
+    (undefined numbers, which strict JSON cannot hold) turned into ``None`` (``null``)."""
     if isinstance(x, Mapping):
         return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [to_jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
+        x = x.item()
+    elif hasattr(x, "tolist"):
+        return to_jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (arrays become lists) atomically to ``path``."""
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2))
+    """Write ``obj`` as indented strict JSON (arrays become lists, NaN / inf become ``null``) atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
 
 def atomic_save_figure(fig, path: str, dpi: int = 110) -> None:

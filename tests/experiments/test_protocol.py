@@ -125,3 +125,42 @@ def test_evaluate_model_with_groups_search_and_a_cache_that_skips_the_second_pas
         evaluate_model(model, bundle, ood_sets=GROUPS, scores=["msp"], val_ood="uniform")
     with pytest.raises(UserInputError, match="needs val_ood"):
         evaluate_model(model, bundle, ood_sets=GROUPS, scores=["msp"], search=True)
+
+
+def test_outputs_a_paper_can_use(digits_run, tmp_path):
+    """Strict JSON (null for undefined numbers), relative paths, provenance, per-sample scores equal to the
+    ones behind the metrics, and files that honour the umask."""
+    import json
+    import math
+    import os
+    import stat
+
+    import numpy as np
+
+    from lossbench.experiments.evaluate_run import load_scores, write_report
+    from ood.metrics import ood_metrics
+
+    model, _, bundle, _ = digits_run
+    result = evaluate_model(model, bundle, ood_sets=["uniform"], scores=["msp", "energy"], batch_size=128)
+    result["checkpoint"] = str(tmp_path / "run" / "best.pt")
+    result["test"]["undefined"] = float("nan")
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        write_report(result, str(out), plots=False)
+    finally:
+        os.umask(old)
+    text = (out / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+    assert metrics["test"]["undefined"] is None and "NaN" not in text
+    assert metrics["checkpoint"] == "best.pt" and not os.path.isabs(metrics["checkpoint"])
+    prov = metrics["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["lossbench"] and prov["date"] and prov["device"] == "cpu"
+    raw = load_scores(str(out / "scores.npz"))
+    for score in ("msp", "energy"):
+        pair = raw[score]["uniform"]
+        again = ood_metrics(np.asarray(pair["id"]), np.asarray(pair["ood"]))
+        assert math.isclose(again["auroc"], result["ood"]["results"][score]["uniform"]["auroc"])
+        np.testing.assert_array_equal(pair["id"], np.asarray(result["ood"]["scores"][score]["uniform"]["id"], dtype=np.float64))
+    for name in ("metrics.json", "results.md", "scores.npz"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o640, name  # 0666 & ~0027

@@ -8,14 +8,13 @@ import os
 import time
 from typing import Any, Dict, Mapping, Tuple
 
-import numpy as np
 
 from ...framework.builders import load_run
 from ...framework.checkpoint import check_resumable, comparable_config, load_checkpoint
 from ...framework.config import to_dict
 from ...framework.io import atomic_save_npz, atomic_write_json, read_json
 from ...framework.trainer import Trainer
-from ..evaluate_run import evaluate_model, write_report
+from ..evaluate_run import evaluate_model, load_scores, save_scores, write_report  # noqa: F401 (re-exported)
 from .schema import BenchConfig, cell_args, eval_ood_sets, eval_settings, eval_val_ood
 
 
@@ -49,23 +48,6 @@ def cell_state(cfg: BenchConfig, args: argparse.Namespace) -> Tuple[str, int]:
     return ("done" if done else "trained"), epoch
 
 
-def save_scores(path: str, raw: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
-    """Write raw scores ``{score: {ood_set: {'id', 'ood'}}}`` to ``path`` (npz, atomic)."""
-    arrays = {f"{score}|{set_name}|{side}": np.asarray(v, dtype=np.float64)
-              for score, per_set in raw.items() for set_name, pair in per_set.items() for side, v in pair.items()}
-    atomic_save_npz(path, arrays)
-
-
-def load_scores(path: str) -> Dict[str, Dict[str, Dict[str, np.ndarray]]]:
-    """The raw scores of a cell (``scores.npz``) as ``{score: {ood_set: {'id': array, 'ood': array}}}``."""
-    out: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
-    with np.load(path) as z:
-        for key in z.files:
-            score, set_name, side = key.split("|")
-            out.setdefault(score, {}).setdefault(set_name, {})[side] = z[key]
-    return out
-
-
 def evaluate_cell(cfg: BenchConfig, args: argparse.Namespace, last_epoch: int) -> Dict[str, Any]:
     """Evaluate a trained cell; write ``metrics.json`` (+ report files), ``scores.npz``, then ``cell.json``.
 
@@ -83,8 +65,7 @@ def evaluate_cell(cfg: BenchConfig, args: argparse.Namespace, last_epoch: int) -
                             feature_cache_dir=os.path.join(run_dir, "features"), tta=int(getattr(args, "tta", 0)))
     result = {"epoch": int(state["epoch"]), "config": state["config"], **result,
               "cell": {"loss": args.loss, "seed": args.seed}}
-    save_scores(os.path.join(run_dir, "scores.npz"), result["ood"]["scores"])
-    write_report(result, run_dir, plots=cfg.cell_plots)
+    write_report(result, run_dir, plots=cfg.cell_plots)  # metrics.json, results.md, scores.npz
     marker = {"loss": args.loss, "seed": args.seed, "epoch": last_epoch, "evaluated_epoch": result["epoch"],
               "eval": eval_settings(cfg, args.data_root), "seconds_eval": round(time.time() - t0, 2)}
     atomic_write_json(os.path.join(run_dir, "cell.json"), marker)
