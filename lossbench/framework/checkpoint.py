@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping
 import torch
 
 from ..errors import UserInputError
+from ..integrity import zip_damage
 from .io import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -33,9 +34,17 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", required: Iterable[str] = REQUIRED_KEYS) -> Dict[str, Any]:
-    """Load a checkpoint; a missing, truncated, corrupt or foreign file raises :class:`CheckpointError`."""
+    """Load a checkpoint; a missing, truncated, damaged, corrupt or foreign file raises :class:`CheckpointError`.
+
+    Every member's CRC-32 is checked first (:func:`lossbench.integrity.zip_damage`), so a flipped
+    byte or a zeroed block inside a tensor record is an error, not silently different weights.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    damage = zip_damage(path)  # torch.load does not check the CRC-32s torch.save writes
+    if damage is not None:
+        raise CheckpointError(f"checkpoint {path!r} is damaged: {damage}; it changed after it was written "
+                              f"(disk or copy error), so its weights cannot be trusted")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # pickle/zip errors of a truncated or foreign file

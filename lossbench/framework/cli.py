@@ -7,9 +7,11 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence, Type, Union
 
 from ..errors import UserInputError
+from .io import WriteFailedError
 
-#: Exceptions that mean the user asked for something invalid: printed as one line, exit status 2.
-USER_ERRORS = (UserInputError, FileNotFoundError, FileExistsError)
+#: Exceptions that mean the user asked for something invalid, or an output file could not be written
+#: (a full disk: the user's to fix, not a bug): printed as one line, exit status 2.
+USER_ERRORS = (UserInputError, FileNotFoundError, FileExistsError, WriteFailedError)
 
 
 def parse_list(value: Union[str, int, Sequence[Any], None], item: Type = str, name: str = "value") -> List[Any]:

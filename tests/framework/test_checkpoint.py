@@ -1,3 +1,5 @@
+import errno
+import io
 import os
 
 import pytest
@@ -49,3 +51,109 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path):
         save_checkpoint(p, dict(_state(), epoch=2, extra=Boom()))
     assert load_checkpoint(p)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def _big_state():
+    g = torch.Generator().manual_seed(0)
+    return dict(_state(), model={"w": torch.randn(20000, generator=g)})  # one 80 kB tensor record
+
+
+def _tensor_offset(path: str, t: torch.Tensor) -> int:
+    data = open(path, "rb").read()
+    at = data.find(t.numpy().tobytes())
+    assert at > 0, "the tensor's bytes are stored verbatim in the zip"
+    return at
+
+
+def test_flipped_byte_in_a_tensor_record_is_damaged(tmp_path):
+    """Regression: torch.load skips the zip CRCs, so one flipped byte resumed from different weights."""
+    p = str(tmp_path / "last.pt")
+    state = _big_state()
+    save_checkpoint(p, state)
+    data = bytearray(open(p, "rb").read())
+    data[_tensor_offset(p, state["model"]["w"]) + 40000] ^= 0x01
+    open(p, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match=r"last\.pt.*damaged: CRC mismatch in member '[^']*data/0'"):
+        load_checkpoint(p)
+
+
+def test_zeroed_block_in_a_checkpoint_is_damaged(tmp_path):
+    """Regression: 4 KiB of zeros inside a checkpoint (a lost disk block) loaded without an error."""
+    p = str(tmp_path / "last.pt")
+    state = _big_state()
+    save_checkpoint(p, state)
+    at = _tensor_offset(p, state["model"]["w"]) + 20000
+    with open(p, "r+b") as f:
+        f.seek(at)
+        f.write(bytes(4096))
+    with pytest.raises(CheckpointError, match=r"last\.pt.*damaged: CRC mismatch"):
+        load_checkpoint(p)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file descriptor on a disk with ``room`` bytes left: a longer write raises ENOSPC, as the kernel does."""
+
+    def __init__(self, fd: int, room: int):
+        self.fd, self.room = fd, room
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self.fd
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return os.write(self.fd, b)
+
+    def close(self):
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+@pytest.mark.parametrize("room", [0, 1000, 60000])  # at the first write, in a header, inside the tensor record
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, room):
+    """Regression: a full disk ended in torch's ``RuntimeError: [enforce fail at inline_container.cc:672]
+    unexpected pos ...`` that named neither the file nor the cause."""
+    from lossbench.framework.io import WriteFailedError
+
+    p = str(tmp_path / "last.pt")
+    save_checkpoint(p, _big_state())
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: io.BufferedWriter(_FullDisk(fd, room)))
+    with pytest.raises(WriteFailedError, match=r"writing '[^']*last\.pt' failed: the disk is full") as info:
+        save_checkpoint(p, dict(_big_state(), epoch=2))
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(p)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left
+
+
+def test_torch_zip_writer_error_says_the_disk_may_be_full(tmp_path):
+    """The bare zip-writer error (no OSError in its chain) still names the file and the likely cause."""
+    from lossbench.framework.io import WriteFailedError, atomic_write_bytes
+
+    p = tmp_path / "best.pt"
+    p.write_bytes(b"previous")
+
+    def write(f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    with pytest.raises(WriteFailedError, match=r"writing '[^']*best\.pt' failed: .*the disk may be full"):
+        atomic_write_bytes(str(p), write)
+    assert p.read_bytes() == b"previous" and os.listdir(tmp_path) == ["best.pt"]
+
+
+def test_full_disk_is_one_line_for_the_scripts(capsys):
+    from lossbench.framework.cli import run_main
+    from lossbench.framework.io import WriteFailedError
+
+    def main(argv):
+        raise WriteFailedError("writing 'runs/x/last.pt' failed: the disk is full (No space left on device)")
+
+    assert run_main("train.py", main, []) == 2
+    assert capsys.readouterr().err == ("train.py: error: writing 'runs/x/last.pt' failed: the disk is full "
+                                       "(No space left on device)\n")
