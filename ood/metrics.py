@@ -48,11 +48,23 @@ ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
 
 
 def as_scores(x: ArrayLike, name: str) -> np.ndarray:
-    """1-D finite float64 numpy array from a tensor / array / list; clear errors otherwise."""
+    """1-D finite float64 numpy array from a tensor / array / list; clear errors otherwise.
+
+    Complex values are refused (``TypeError`` naming ``name``): a cast to float64 would silently
+    keep only the real part.
+    """
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} must hold real scores, got complex dtype {x.dtype}")
         x = x.detach().to("cpu", torch.float64).numpy()
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        raw = np.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a 1-D array of real scores, got {type(x).__name__}") from err
+    if np.iscomplexobj(raw):
+        raise TypeError(f"{name} must hold real scores, got complex dtype {raw.dtype}")
+    try:
+        arr = raw.astype(np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be a 1-D array of real scores, got {type(x).__name__}") from err
     if arr.ndim != 1:

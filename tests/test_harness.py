@@ -379,3 +379,70 @@ def test_score_tensor_level(name: str, case: Case) -> None:
     if case.name == "empty":  # scoring zero samples is well defined: an empty (0,) result
         case.must_error = False
     check_case(case, lambda x, _y: (fn(x),), lambda x, _y: (fn(x),))
+
+
+# ------------------------------------------------------------------------------ feature scores: fit-time rules
+FEATURE_SCORES = [n for n in ood.list_scores() if isinstance(ood.create_score(n), FeatureScore)]
+
+
+def _fit_set(n: int = 400):
+    """(features, logits, labels) of an ID training set for :data:`W_LIN`, ``B_LIN`` (float64)."""
+    y = torch.arange(n) % C
+    f = (3 * W_LIN[y] + torch.randn(n, D, generator=_gen(11), dtype=torch.float64)).abs()
+    return f, f @ W_LIN.T + B_LIN, y
+
+
+def feature_fit_cases() -> list:
+    """Inputs a feature score must refuse at fit (or score) time, each naming the argument.
+
+    Each ``args`` returns ``(fit kwargs, scoring logits width)``; every case ``must_error``.
+    """
+    f, z, y = _fit_set()
+    clf = Classifier.from_linear(W_LIN, B_LIN)
+
+    def fit(**over):
+        kw = {"train_features": f, "train_logits": z, "train_labels": y, "classifier": clf}
+        kw.update(over)
+        return lambda dt: (kw, C)
+
+    wide_w = torch.randn(C, D + 3, generator=_gen(12), dtype=torch.float64)
+    more_w = torch.randn(C + 1, D, generator=_gen(13), dtype=torch.float64)
+    other_head = Classifier(logits_fn=lambda h: h.double() @ more_w.T, source="other head")
+    return [
+        Case("score_logits_other_width", lambda dt: (fit()(dt)[0], C + 2), ("logits",), must_error=True),
+        Case("fit_empty", fit(train_features=f[:0], train_logits=z[:0], train_labels=y[:0]), ("train_features",),
+             must_error=True),
+        Case("fit_classifier_other_width", fit(classifier=Classifier.from_linear(wide_w, B_LIN)), ("classifier",),
+             must_error=True),
+        Case("fit_classifier_other_classes", fit(classifier=Classifier.from_linear(more_w)), ("classifier",),
+             must_error=True),
+        Case("fit_head_other_classes", fit(classifier=other_head), ("classifier",), must_error=True),
+        Case("fit_label_out_of_range", fit(train_labels=torch.where(y == 1, C, y)), ("train_labels",), must_error=True),
+        Case("fit_val_empty", fit(val_features=f[:0], val_logits=z[:0]), ("val_features",), must_error=True),
+    ]
+
+
+def _applies(score: FeatureScore, case: str) -> bool:
+    """Whether a fit-time case concerns ``score`` (not a classifier it never uses, labels it never reads, ...)."""
+    uses_clf = score.requires_linear or score.requires_classifier
+    return {"fit_classifier_other_width": uses_clf, "fit_classifier_other_classes": uses_clf,
+            "fit_head_other_classes": score.requires_classifier and not score.requires_linear,
+            "fit_label_out_of_range": score.requires_labels, "fit_val_empty": score.uses_val}.get(case, True)
+
+
+FEATURE_FIT_PAIRS = [pytest.param(n, c, id=f"{n}-{c.name}") for n in FEATURE_SCORES for c in feature_fit_cases()
+                     if _applies(ood.create_score(n), c.name)]
+
+
+@pytest.mark.parametrize("name, case", FEATURE_FIT_PAIRS)
+def test_feature_score_fit_rules(name: str, case: Case) -> None:
+    """Every feature score: fitted on nothing, on another model's classifier, on labels out of range,
+    or scoring logits of another width is an error naming the argument (never a constant or a drop)."""
+    score = ood.create_score(name, **SMALL_FIT.get(name, {}))
+
+    def run(kw, width):
+        score.fit_features(**kw)
+        f = _fit_set(8)[0]
+        return (score.score_features(f, f @ torch.randn(D, width, generator=_gen(14), dtype=torch.float64)),)
+
+    check_case(case, run, run)

@@ -188,35 +188,67 @@ def calibration_markdown(cal: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_reliability(cal: Mapping[str, Any], path: str) -> None:
-    """Reliability diagrams (accuracy against confidence per bin) before and after temperature scaling,
-    with the confidence histogram beside them; written atomically to ``path``."""
-    fig, axes = new_figure(3, cols=3, size=(4.0, 3.8))
+#: Legend labels of the reliability diagram's bars (tests read them back from the figure).
+RELIABILITY_LABELS = {"accuracy": "accuracy", "over": "gap: confidence > accuracy (over-confident)",
+                      "under": "gap: accuracy > confidence (under-confident)"}
+
+
+def draw_reliability(ax, bins: Mapping[str, Any]) -> None:
+    """One reliability diagram on ``ax`` from :func:`ood.calibration.reliability_bins` data.
+
+    Per non-empty bin: an opaque accuracy bar from 0 to the bin's accuracy, and the gap to the
+    bin's mean confidence as a narrower opaque bar from ``min(acc, conf)`` to ``max(acc, conf)``,
+    red where the bin is over-confident and green where it is under-confident, each with its own
+    legend entry (no translucent overlay: every colour on the plot is in the legend). The number of
+    samples is written above each bin, so a bin of two samples is not read like one of thousands.
+    """
+    lo, hi = np.asarray(bins["lower"], dtype=np.float64), np.asarray(bins["upper"], dtype=np.float64)
+    n = np.asarray(bins["count"], dtype=np.int64)
+    has = n > 0
+    acc = np.where(has, np.nan_to_num(np.asarray(bins["accuracy"], dtype=np.float64)), 0.0)
+    conf = np.where(has, np.nan_to_num(np.asarray(bins["confidence"], dtype=np.float64)), 0.0)
+    width = hi - lo
+    ax.bar(lo, acc, width=width, align="edge", color="tab:blue", edgecolor="k", linewidth=0.5,
+           label=RELIABILITY_LABELS["accuracy"])
+    bottom, gap = np.minimum(acc, conf), np.abs(conf - acc)
+    for key, mask, color in (("over", has & (conf > acc), "tab:red"), ("under", has & (acc > conf), "tab:green")):
+        ax.bar(lo + 0.25 * width, np.where(mask, gap, 0.0), bottom=bottom, width=0.5 * width, align="edge",
+               color=color, edgecolor="k", linewidth=0.5, label=RELIABILITY_LABELS[key])
+    for x, w, top, count in zip(lo[has], width[has], np.maximum(acc, conf)[has], n[has]):
+        ax.text(x + w / 2, min(top + 0.02, 0.98), str(int(count)), ha="center", va="bottom", fontsize=5,
+                rotation=90)
+    ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1)
+    ax.set_xlabel("confidence (max softmax)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.12)
+    ax.legend(fontsize=6, title="numbers above the bars: samples per bin", title_fontsize=6,
+              loc="upper center", bbox_to_anchor=(0.5, -0.16))
+
+
+def reliability_figure(cal: Mapping[str, Any]) -> Figure:
+    """Reliability diagrams before and after temperature scaling (:func:`draw_reliability`) and the
+    number of test samples per confidence bin (log scale) beside them."""
+    fig, axes = new_figure(3, cols=3, size=(4.0, 4.6))
     for ax, side in zip(axes[:2], ("before", "after")):
-        b = cal["reliability"][side]
-        lo, hi = np.asarray(b["lower"]), np.asarray(b["upper"])
-        acc = np.nan_to_num(np.asarray(b["accuracy"], dtype=np.float64))
-        conf = np.asarray(b["confidence"], dtype=np.float64)
-        ax.bar(lo, acc, width=hi - lo, align="edge", color="tab:blue", edgecolor="k", linewidth=0.5, label="accuracy")
-        gap = np.where(np.isnan(conf), 0.0, conf - acc)
-        ax.bar(lo, gap, bottom=acc, width=hi - lo, align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", linewidth=1)
+        draw_reliability(ax, cal["reliability"][side])
         title = "before TS" if side == "before" else f"after TS (T = {cal['temperature']:.3g})"
         ax.set_title(f"{title}: ECE {100 * cal[side]['ece']:.2f} %")
-        ax.set_xlabel("confidence (max softmax)")
-        ax.set_ylabel("accuracy")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, loc="upper left")
     ax = axes[2]
     for side, color in (("before", "tab:blue"), ("after", "tab:orange")):
         b = cal["reliability"][side]
         lo, hi = np.asarray(b["lower"]), np.asarray(b["upper"])
         n = np.asarray(b["count"], dtype=np.float64)
-        ax.step(np.r_[lo, hi[-1]], np.r_[n / n.sum(), 0.0], where="post", color=color, label=side)
-    ax.set_title("confidence histogram")
+        ax.step(np.r_[lo, hi[-1]], np.r_[n, n[-1]], where="post", color=color, label=side)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title("samples per confidence bin")
     ax.set_xlabel("confidence (max softmax)")
-    ax.set_ylabel("share of test images")
+    ax.set_ylabel("test samples (log scale)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_save_figure(fig, path)
+    return fig
+
+
+def plot_reliability(cal: Mapping[str, Any], path: str) -> None:
+    """:func:`reliability_figure` of the calibration block ``cal``, written atomically to ``path``."""
+    atomic_save_figure(reliability_figure(cal), path)

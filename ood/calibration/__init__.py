@@ -1,7 +1,7 @@
 """Calibration of a classifier's probabilities: the ECE family, Brier, NLL, accuracy, temperature scaling.
 
 A library module (torch only): import it without the trainer. Metrics take logits ``(N, C)`` (or
-probabilities with ``from_probs=True``) and labels ``(N,)`` and return floats;
+probabilities as ``probs=``, or with ``from_probs=True``) and labels ``(N,)`` and return floats;
 :class:`TemperatureScaling` is the post-hoc fix (``fit`` on validation logits, ``transform`` test logits).
 """
 

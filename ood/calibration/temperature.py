@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import sys
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -13,9 +14,36 @@ from ._inputs import to_probs
 __all__ = ["TemperatureScaling", "fit_temperature"]
 
 
+def check_temperature_bounds(t_min: float, t_max: float) -> Tuple[float, float]:
+    """``t_min`` and ``t_max`` as floats: finite, positive, normal (>= the smallest normal float64) and
+    ``t_min < t_max``; a ``ValueError`` naming the offending bound otherwise.
+
+    A subnormal ``t_min`` (e.g. 1e-320) has no finite reciprocal (the search works on ``1/T``)
+    and would return T = 0; an infinite ``t_max`` has ``log(1/inf)`` = a math domain error.
+    """
+    out = []
+    for name, v in (("t_min", t_min), ("t_max", t_max)):
+        if isinstance(v, bool):
+            raise TypeError(f"{name} must be a real number, got bool")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
+        if not (math.isfinite(f) and f >= sys.float_info.min):
+            raise ValueError(f"{name} must be a finite, positive, normal float (>= {sys.float_info.min:.4g}), got {v!r}")
+        out.append(f)
+    if not out[0] < out[1]:
+        raise ValueError(f"need t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    return out[0], out[1]
+
+
 def _nll_slope(z: Tensor, y: Tensor, t: float) -> float:
-    """d/dt of mean_i [logsumexp(t z_i) - t z_{i,y_i}] = mean_i (E_{softmax(t z_i)}[z_i] - z_{i,y_i})."""
-    p = torch.softmax(t * z, dim=1)
+    """d/dt of mean_i [logsumexp(t z_i) - t z_{i,y_i}] = mean_i (E_{softmax(t z_i)}[z_i] - z_{i,y_i}).
+
+    The softmax is taken of ``t (z - max z)`` (the same distribution), which stays finite for any
+    finite ``t`` where ``t z`` itself could overflow.
+    """
+    p = torch.softmax(t * (z - z.amax(dim=1, keepdim=True)), dim=1)
     return float(((p * z).sum(dim=1) - z.gather(1, y[:, None]).squeeze(1)).mean())
 
 
@@ -29,10 +57,10 @@ def fit_temperature(logits: Tensor, target: Tensor, t_min: float = 1e-3, t_max: 
     ``tol`` (relative). This is exact, unlike PyTorch's LBFGS with lr 0.01 and no line search
     (gpleiss/temperature_scaling's recipe, init T = 1.5), which can stop short of the optimum.
     When the optimum lies outside the bracket (e.g. every sample correct and separable: NLL falls
-    towards T -> 0) the nearest bound is returned.
+    towards T -> 0) the nearest bound is returned. The bounds must be finite, positive, normal
+    floats with ``t_min < t_max`` (:func:`check_temperature_bounds`).
     """
-    if not 0 < t_min < t_max:
-        raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    t_min, t_max = check_temperature_bounds(t_min, t_max)
     to_probs(logits, target, False)  # input checks
     z = logits.detach().to(torch.float64).cpu()
     y = target.detach().cpu().long()
@@ -64,9 +92,7 @@ class TemperatureScaling:
     """
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1e3) -> None:
-        if not 0 < t_min < t_max:
-            raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.t_min, self.t_max = check_temperature_bounds(t_min, t_max)
         self.temperature: Optional[float] = None
         self.nll_before: Optional[float] = None
         self.nll_after: Optional[float] = None

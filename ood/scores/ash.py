@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, energy
 
 #: OpenOOD's APS grid for ASH (configs/postprocessors/ash.yml).
 ASH_GRID = {"percentile": (65, 70, 75, 80, 85, 90, 95)}
@@ -73,8 +73,8 @@ class _ASH(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "_ASH":
-        train_features, _ = check_pair(train_features, train_logits, "train")
-        self.classifier_ = self._need_classifier(classifier)
+        train_features, _ = self._check_train(train_features, train_logits)
+        self.classifier_ = self._need_classifier(classifier, train_features)
         self.width_ = int(train_features.shape[1])
         keep_count(self.width_, self.percentile)
         self.fitted_ = True

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, check_pair, percentile
+from .feature_base import Classifier, FeatureScore, percentile
 
 
 @register_score("dice")
@@ -38,7 +38,7 @@ class DICE(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "DICE":
-        h, _ = check_pair(train_features, train_logits, "train")
+        h, _ = self._check_train(train_features, train_logits)
         clf = self._need_classifier(classifier)
         contrib = h.mean(dim=0)[None, :] * clf.weight
         self.threshold_ = percentile(contrib, self.p)

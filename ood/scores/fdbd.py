@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 
 
 @register_score("fdbd")
@@ -35,7 +35,7 @@ class FDBD(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "FDBD":
-        h, _ = check_pair(train_features, train_logits, "train")
+        h, _ = self._check_train(train_features, train_logits)
         w = self._need_classifier(classifier).weight
         gaps = torch.cdist(w, w)
         off = ~torch.eye(w.shape[0], dtype=torch.bool)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lossbench.validation import check_finite, check_float
+from lossbench.validation import check_finite, check_float, check_target
 
 from ..features import penultimate_features
 from .base import OODScore, batches, check_logits, eval_mode, model_device
@@ -218,8 +218,9 @@ class FeatureScore(OODScore):
     def fit_data(self, train: FeatureData, classifier: Optional[Classifier], val: Optional[FeatureData] = None) -> "FeatureScore":
         """``fit_features`` from collected :class:`FeatureData` (validation data only where ``uses_val``).
 
-        The training feature width is recorded (``width_``), so scoring features of another width is
-        an error even for a score whose formula ignores the features (a mismatched model).
+        The training feature width and number of classes are recorded (``width_``, ``num_classes_``),
+        so scoring features or logits of another width is an error even for a score whose formula
+        ignores them (a mismatched model).
         """
         kw: dict = {}
         train = train.float64()
@@ -227,7 +228,7 @@ class FeatureScore(OODScore):
             val = val.float64()
             kw = {"val_features": val.features, "val_logits": val.logits}
         self.fit_features(train.features, train.logits, train.labels, classifier, **kw)
-        self.width_ = int(train.features.shape[1])
+        self.width_, self.num_classes_ = int(train.features.shape[1]), int(train.logits.shape[1])
         return self
 
     @abc.abstractmethod
@@ -244,6 +245,7 @@ class FeatureScore(OODScore):
         self._check_fitted()
         features, logits = check_pair(features, logits)
         self._check_width(features)
+        self._check_classes(logits)
         if features.shape[0] == 0:  # scoring no samples is well defined: an empty result
             return torch.empty(0, dtype=torch.float64)
         out = self._score_features(features, logits).detach().to("cpu", torch.float64)
@@ -261,26 +263,99 @@ class FeatureScore(OODScore):
         if not getattr(self, "fitted_", False):
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit or fit_features first")
 
-    def _need_classifier(self, classifier: Optional[Classifier]) -> Classifier:
-        """The classifier, or :class:`ScoreNotApplicable` naming what is missing."""
+    def _check_train(self, train_features: Tensor, train_logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """The training pair as float64 CPU tensors (:func:`check_pair`); records ``width_`` and ``num_classes_``.
+
+        Every score's ``fit_features`` starts here. Zero training samples is a ``ValueError`` naming
+        ``train_features``: a statistic of nothing is NaN, 0 or a default, and the score would
+        silently be a constant (or fail later with an unrelated message).
+        """
+        h, z = check_pair(train_features, train_logits, "train")
+        if h.shape[0] == 0:
+            raise ValueError(f"{self.name}: train_features is empty (shape {tuple(h.shape)}); fitting needs "
+                             "at least one in-distribution training sample")
+        self.width_, self.num_classes_ = int(h.shape[1]), int(z.shape[1])
+        return h, z
+
+    def _check_val(self, val_features: Optional[Tensor], val_logits: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """ID validation data (for ``uses_val`` scores): ``None`` if neither is given, else the checked pair.
+
+        Both or neither; at least one sample; the width and classes of the training pair (call
+        :meth:`_check_train` first). Errors name ``val_features`` / ``val_logits``.
+        """
+        if val_features is None and val_logits is None:
+            return None
+        if val_features is None or val_logits is None:
+            missing = "val_features" if val_features is None else "val_logits"
+            raise ValueError(f"{self.name}: {missing} is None but the other validation tensor was given; "
+                             "pass both val_features and val_logits, or neither")
+        f, z = check_pair(val_features, val_logits, "val")
+        if f.shape[0] == 0:
+            raise ValueError(f"{self.name}: val_features is empty (shape {tuple(f.shape)}); pass at least one "
+                             "ID validation sample, or no validation data")
+        if f.shape[1] != self.width_:
+            raise ValueError(f"val_features must have width {self.width_} (that of train_features), got shape {tuple(f.shape)}")
+        if z.shape[1] != self.num_classes_:
+            raise ValueError(f"val_logits must have {self.num_classes_} classes (those of train_logits), "
+                             f"got shape {tuple(z.shape)}")
+        return f, z
+
+    def _need_classifier(self, classifier: Optional[Classifier], train_features: Optional[Tensor] = None) -> Classifier:
+        """The classifier, or :class:`ScoreNotApplicable` naming what is missing.
+
+        It must fit the training data (call :meth:`_check_train` first): a linear classifier's
+        ``weight`` must be ``(num_classes_, width_)``; a non-linear one must map a training row
+        (``train_features[:1]``, when given) to ``num_classes_`` logits. A classifier of another
+        model is a ``ValueError`` naming ``classifier``.
+        """
         if classifier is None or (not classifier.linear and classifier.logits_fn is None):
             raise ScoreNotApplicable(f"{self.name} needs the classifier (features -> logits); none was given")
         if self.requires_linear and not classifier.linear:
             raise ScoreNotApplicable(
                 f"{self.name} needs a linear classifier z = W h + b; {classifier.reason or classifier.source}")
+        d, c = getattr(self, "width_", None), getattr(self, "num_classes_", None)
+        expected = f"({c}, {d}) = (classes of train_logits, width of train_features)"
+        if classifier.linear:
+            w, b = classifier.weight, classifier.bias
+            if w.dim() != 2 or (c is not None and w.shape[0] != c) or (d is not None and w.shape[1] != d):
+                raise ValueError(f"{self.name}: classifier weight has shape {tuple(w.shape)}, expected {expected}; "
+                                 "is the classifier from another model?")
+            if b is None or tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"{self.name}: classifier bias must have shape ({w.shape[0]},), "
+                                 f"got {None if b is None else tuple(b.shape)}")
+        elif train_features is not None and c is not None and train_features.shape[0] > 0:
+            out = classifier.logits(train_features[:1])
+            if out.dim() != 2 or out.shape[1] != c:
+                raise ValueError(f"{self.name}: the classifier maps a training row to logits of shape "
+                                 f"{tuple(out.shape)}, expected (1, {c}) (the classes of train_logits); "
+                                 "is the classifier from another model?")
         return classifier
 
     def _need_labels(self, labels: Optional[Tensor], n: int) -> Tensor:
+        """Training labels ``(n,)`` in ``[0, num_classes_)`` (call :meth:`_check_train` first), as long CPU.
+
+        An out-of-range label is a ``ValueError`` naming ``train_labels``: dropping those samples
+        silently would fit class statistics on part of the data.
+        """
         if labels is None:
             raise ScoreNotApplicable(f"{self.name} needs training labels; the fit loader gave none")
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.shape != (n,):
             raise ValueError(f"train_labels must be an integer tensor of shape ({n},), got {getattr(labels, 'shape', labels)}")
+        c = getattr(self, "num_classes_", None)
+        if c is not None:
+            check_target(labels, c, n, "train_labels")
         return labels.long().cpu()
 
     def _check_width(self, features: Tensor) -> None:
         d = getattr(self, "width_", None)
         if d is not None and features.shape[1] != d:
             raise ValueError(f"features must have width {d} (the fitted width), got shape {tuple(features.shape)}")
+
+    def _check_classes(self, logits: Tensor) -> None:
+        c = getattr(self, "num_classes_", None)
+        if c is not None and logits.shape[1] != c:
+            raise ValueError(f"logits must have {c} classes (those of the fitted train_logits and classifier), "
+                             f"got shape {tuple(logits.shape)}")
 
 
 def check_pair(features: Tensor, logits: Tensor, name: str = "") -> Tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from lossbench.validation import check_positive
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, check_pair
+from .feature_base import Classifier, FeatureScore
 
 
 def gradnorm_closed_form(features: Tensor, logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -52,7 +52,7 @@ class GradNorm(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "GradNorm":
-        h, _ = check_pair(train_features, train_logits, "train")
+        h, _ = self._check_train(train_features, train_logits)
         self._need_classifier(classifier)
         self.width_ = int(h.shape[1])
         self.fitted_ = True

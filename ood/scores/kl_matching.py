@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 
 SOURCES = ("auto", "val", "train")
 
@@ -51,13 +51,14 @@ class KLMatching(FeatureScore):
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], val_features: Optional[Tensor] = None,
                      val_logits: Optional[Tensor] = None, **kw: Any) -> "KLMatching":
-        f, z = check_pair(train_features, train_logits, "train")
-        self.width_ = int(f.shape[1])
-        if self.source == "val" and val_logits is None:
-            raise ScoreNotApplicable("kl_matching with source='val' needs ID validation data (val_loader)")
-        use_val = val_logits is not None and self.source in ("auto", "val")
+        _, z = self._check_train(train_features, train_logits)
+        val = self._check_val(val_features, val_logits)
+        if self.source == "val" and val is None:
+            raise ScoreNotApplicable("kl_matching with source='val' needs ID validation data (val_loader, or "
+                                     "val_features and val_logits)")
+        use_val = val is not None and self.source in ("auto", "val")
         if use_val:
-            z = val_logits.detach().to("cpu", torch.float64)
+            z = val[1]
         p = torch.softmax(z, dim=1)
         c = p.shape[1]
         pred = p.argmax(dim=1)

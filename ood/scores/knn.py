@@ -10,7 +10,7 @@ from torch import Tensor
 from lossbench.validation import check_positive
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, l2_normalise
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, l2_normalise
 
 
 def kth_neighbour_distance(queries: Tensor, bank: Tensor, k: int, chunk: int = 1024,
@@ -73,7 +73,7 @@ class KNN(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "KNN":
-        train_features, _ = check_pair(train_features, train_logits, "train")
+        train_features, _ = self._check_train(train_features, train_logits)
         bank = self._prep(train_features)
         if self.bank_fraction < 1.0:
             g = torch.Generator().manual_seed(self.seed)

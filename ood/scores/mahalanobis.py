@@ -77,9 +77,12 @@ def _as_layers(features: FeatureSet, name: str = "features") -> List[Tensor]:
     return list(features)
 
 
-def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[int] = None,
+def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: int,
                        covariance: str = "auto") -> Tuple[Tensor, Tensor, str]:
     """Class means ``(C, D)`` and the tied precision ``(D, D)`` (float64) of one layer.
+
+    ``num_classes`` is required: inferring it from ``labels.max() + 1`` would silently drop a
+    highest class with no samples (every class in ``[0, num_classes)`` must have samples).
 
     Means by one ``index_add``; covariance of the class-centred features by scikit-learn
     (``'empirical'``: ``EmpiricalCovariance``, pseudo-inverse precision, the official choice;
@@ -97,10 +100,7 @@ def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[i
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if num_classes is None:
-        if labels.is_floating_point():
-            check_target(labels, 1, n, "labels")
-        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    num_classes = _check_num_classes(num_classes)
     check_target(labels, num_classes, n, "labels")
     if n < num_classes:
         raise ValueError(f"fewer samples ({n}) than classes ({num_classes}); every class needs samples")
@@ -109,8 +109,8 @@ def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[i
     counts = torch.bincount(y, minlength=num_classes)
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
-        raise ValueError(f"classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no samples; "
-                         "every class in [0, num_classes) needs at least one")
+        raise ValueError(f"labels: classes {empty[:10]}{'...' if len(empty) > 10 else ''} have no samples; "
+                         f"every class in [0, num_classes={num_classes}) needs at least one")
     means = torch.zeros(num_classes, d, dtype=torch.float64).index_add_(0, y, f) / counts[:, None]
     centred_t = f - means[y]
     scale = float(f.abs().max())
@@ -128,6 +128,16 @@ def fit_class_gaussian(features: Tensor, labels: Tensor, num_classes: Optional[i
     precision = torch.from_numpy(np.asarray(est.precision_, dtype=np.float64))
     precision = 0.5 * (precision + precision.T)
     return means, precision, used
+
+
+def _check_num_classes(num_classes: Optional[int]) -> int:
+    """``num_classes`` is an int >= 1; ``None`` is an error (labels alone cannot reveal an absent highest class)."""
+    if num_classes is None:
+        raise ValueError("num_classes is required (the classifier's number of classes): inferring it from "
+                         "labels.max() + 1 would silently drop a highest class that has no samples")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
 
 
 def mahalanobis_distances(features: Tensor, means: Tensor, precision: Tensor,
@@ -217,14 +227,18 @@ class Mahalanobis(OODScore):
     # ------------------------------------------------------------------ tensor level
     def fit_features(self, features: FeatureSet, labels: Tensor,
                      num_classes: Optional[int] = None) -> "Mahalanobis":
-        """Fit class means and tied precision for each layer's features ``(N, D_l)``."""
+        """Fit class means and tied precision for each layer's features ``(N, D_l)``.
+
+        ``num_classes`` (or the constructor's) is required: every class in ``[0, num_classes)``
+        must have training samples, and labels alone cannot show that the highest one is absent.
+        """
         layers = _as_layers(features)
         n = layers[0].shape[0] if layers[0].dim() else 0
         for i, f in enumerate(layers):
             check_float(f, f"features[{i}]", ndim=2)
             if f.shape[0] != n:
                 raise ValueError(f"features[{i}] has {f.shape[0]} samples, features[0] has {n}")
-        num_classes = num_classes if num_classes is not None else self.num_classes
+        num_classes = _check_num_classes(num_classes if num_classes is not None else self.num_classes)
         fitted = [fit_class_gaussian(f, labels, num_classes, self.covariance) for f in layers]
         self.means_ = [m for m, _, _ in fitted]
         self.precisions_ = [p for _, p, _ in fitted]
@@ -286,11 +300,14 @@ class Mahalanobis(OODScore):
         return "all" if protocol != "simple" and has_stages else "penultimate"
 
     def _num_classes(self, model: nn.Module) -> Optional[int]:
+        """``num_classes``, else the lossbench head's, else a timm model's ``num_classes`` (None: unknown)."""
         if self.num_classes is not None:
             return int(self.num_classes)
-        head = getattr(model, "head", None)
-        n = getattr(head, "num_classes", None)
-        return int(n) if isinstance(n, int) else None
+        for owner in (getattr(model, "head", None), model):
+            n = getattr(owner, "num_classes", None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+        return None
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None,
             ood_val_loader: Optional[Iterable] = None) -> "Mahalanobis":
@@ -303,10 +320,11 @@ class Mahalanobis(OODScore):
         self.extractor_ = FeatureExtractor(model, self._resolved_layers(model, protocol))
         if protocol == "simple" and len(self.extractor_.layers) != 1:
             raise ValueError("protocol 'simple' scores one layer; pass layers='penultimate' or one index")
-        feats, labels = _collect_features(model, self.extractor_, loader)
+        num_classes = self._num_classes(model)
+        feats, labels, width = _collect_features(model, self.extractor_, loader, logits_width=num_classes is None)
         self.protocol_ = protocol
         self.layer_names_ = self.extractor_.names
-        self.fit_features(feats, labels, self._num_classes(model))
+        self.fit_features(feats, labels, num_classes if num_classes is not None else width)
         self.protocol_ = protocol
         self.eps_ = 0.0 if self.eps == "auto" else float(self.eps)
         if protocol == "validation":
@@ -464,21 +482,25 @@ def _select_eps(fit_id: Dict[float, Tensor], fit_ood: Dict[float, Tensor],
     return best[1], best[2], table
 
 
-def _collect_features(model: nn.Module, extractor: FeatureExtractor,
-                      loader: Iterable) -> Tuple[List[Tensor], Tensor]:
+def _collect_features(model: nn.Module, extractor: FeatureExtractor, loader: Iterable,
+                      logits_width: bool = False) -> Tuple[List[Tensor], Tensor, Optional[int]]:
+    """Per-layer features, labels and (``logits_width``: from ``model(x)`` of the first batch) the classes."""
     feats: List[List[Tensor]] = []
     labels = []
+    width: Optional[int] = None
     with eval_mode(model), torch.no_grad():
         for i, (x, y) in enumerate(batches(loader, model_device(model))):
             if y is None or not isinstance(y, Tensor):
                 raise TypeError(f"fit loader must yield (x, y) with integer label tensors; batch {i} has y={y!r}")
             out = extractor(x)
+            if logits_width and width is None:
+                width = int(model(x).shape[-1])
             feats.append([f.detach().cpu() for f in out])
             labels.append(y.detach().cpu().reshape(-1))
     if not feats:
         raise ValueError("mahalanobis fit: the loader yielded no samples; expected in-distribution data")
     per_layer = [torch.cat([b[i] for b in feats]) for i in range(len(feats[0]))]
-    return per_layer, torch.cat(labels)
+    return per_layer, torch.cat(labels), width
 
 
 class _FGSMLoader:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 from .mahalanobis import fit_class_gaussian, mahalanobis_distances
 
 
@@ -42,7 +42,7 @@ class MDS(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "MDS":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         y = self._need_labels(train_labels, h.shape[0])
         self.means_, self.precision_ = fit_gaussians(h, y, z.shape[1], self.name)
         self.width_ = int(h.shape[1])

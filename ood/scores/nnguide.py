@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy, l2_normalise
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, energy, l2_normalise
 
 BANKS = ("random", "first")
 
@@ -53,7 +53,7 @@ class NNGuide(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "NNGuide":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         n = max(1, int(round(self.alpha * h.shape[0])))
         if self.bank == "random":
             idx = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(self.seed))[:n]

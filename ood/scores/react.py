@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy, percentile
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, energy, percentile
 
 SOURCES = ("auto", "val", "train")
 
@@ -52,18 +52,19 @@ class ReAct(FeatureScore):
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], val_features: Optional[Tensor] = None,
                      val_logits: Optional[Tensor] = None, **kw: Any) -> "ReAct":
-        train_features, _ = check_pair(train_features, train_logits, "train")
-        self.classifier_ = self._need_classifier(classifier)
+        train_features, _ = self._check_train(train_features, train_logits)
+        self.classifier_ = self._need_classifier(classifier, train_features)
+        val = self._check_val(val_features, val_logits)
         if self.threshold is not None:
             self.threshold_, self.threshold_source_ = self.threshold, "given"
         else:
-            use_val = val_features is not None and self.source in ("auto", "val")
-            if self.source == "val" and val_features is None:
-                raise ScoreNotApplicable("react with source='val' needs ID validation data (val_loader)")
-            acts = val_features if use_val else train_features
+            use_val = val is not None and self.source in ("auto", "val")
+            if self.source == "val" and val is None:
+                raise ScoreNotApplicable("react with source='val' needs ID validation data (val_loader, or "
+                                         "val_features and val_logits)")
+            acts = val[0] if use_val else train_features
             self.threshold_ = percentile(acts, self.percentile)
             self.threshold_source_ = "val" if use_val else "train"
-        self.width_ = int(train_features.shape[1])
         self.fitted_ = True
         return self
 

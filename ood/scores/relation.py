@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, check_pair
+from .feature_base import Classifier, FeatureScore
 
 
 def relation_normalise(h: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ class Relation(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "Relation":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         self.train_features_, self.train_probs_ = relation_normalise(h), torch.softmax(z, dim=1)
         self.width_ = int(h.shape[1])
         self.fitted_ = True

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, check_pair
+from .feature_base import Classifier, FeatureScore
 from .mahalanobis import mahalanobis_distances
 from .mds import fit_gaussians
 
@@ -34,7 +34,7 @@ class RMDS(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "RMDS":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         y = self._need_labels(train_labels, h.shape[0])
         self.means_, self.precision_ = fit_gaussians(h, y, z.shape[1], self.name)
         zeros = torch.zeros(h.shape[0], dtype=torch.long)

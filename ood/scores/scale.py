@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..registry import register_score
 from .ash import shaping_ratio, top_k
-from .feature_base import Classifier, FeatureScore, check_pair, energy
+from .feature_base import Classifier, FeatureScore, energy
 
 #: The official SCALE repository's APS grid (kai422/SCALE configs/postprocessors/scale.yml).
 SCALE_OFFICIAL_GRID = {"percentile": tuple(range(50, 100, 5))}
@@ -48,8 +48,8 @@ class SCALE(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "SCALE":
-        train_features, _ = check_pair(train_features, train_logits, "train")
-        self.classifier_ = self._need_classifier(classifier)
+        train_features, _ = self._check_train(train_features, train_logits)
+        self.classifier_ = self._need_classifier(classifier, train_features)
         self.width_ = int(train_features.shape[1])
         self.fitted_ = True
         return self

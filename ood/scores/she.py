@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 
 
 @register_score("she")
@@ -33,7 +33,7 @@ class SHE(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "SHE":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         y = self._need_labels(train_labels, h.shape[0])
         c = z.shape[1]
         ok = z.argmax(dim=1) == y

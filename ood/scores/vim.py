@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, energy
 
 
 def official_dim(width: int) -> int:
@@ -50,7 +50,7 @@ class ViM(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "ViM":
-        h, z = check_pair(train_features, train_logits, "train")
+        h, z = self._check_train(train_features, train_logits)
         clf = self._need_classifier(classifier)
         width = h.shape[1]
         d = official_dim(width) if self.dim is None else self.dim

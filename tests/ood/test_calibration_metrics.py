@@ -150,3 +150,44 @@ def test_bad_input_names_the_argument(call, match):
 def test_float_labels_rejected():
     with pytest.raises(TypeError, match="target"):
         expected_calibration_error(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_probs_keyword_and_probabilities_passed_as_logits():
+    """Probabilities given as logits were softmaxed again (a flatter distribution: a wrong ECE)."""
+    logits, y = _data(seed=11)
+    p = torch.softmax(logits, 1)
+    want = calibration_metrics(logits, y)
+    got = calibration_metrics(probs=p, target=y)
+    for k in ("acc", "ece", "adaptive_ece", "classwise_ece", "mce", "brier", "nll"):
+        assert math.isclose(got[k], want[k], rel_tol=1e-9, abs_tol=1e-12), k
+    assert math.isclose(expected_calibration_error(probs=p, target=y), want["ece"], rel_tol=1e-9)
+    for fn in (calibration_metrics, expected_calibration_error, adaptive_calibration_error, brier_score,
+               negative_log_likelihood, accuracy, reliability_bins):
+        with pytest.raises(ValueError, match=r"logits look like probabilities.*probs="):
+            fn(p, y)
+    with pytest.raises(ValueError, match="not both"):
+        calibration_metrics(logits, y, probs=p)
+    with pytest.raises(TypeError, match="target is required"):
+        calibration_metrics(probs=p)
+    with pytest.raises(TypeError, match="probs="):
+        calibration_metrics(target=y)
+    # non-negative logits whose rows do not sum to 1 are still logits (softmax is shift invariant)
+    assert math.isclose(calibration_metrics(logits - logits.min(), y)["ece"], want["ece"], rel_tol=1e-9)
+
+
+def test_adaptive_ece_with_tied_confidences_does_not_depend_on_row_order():
+    """Tied samples count with their group's mean correctness (a chunk boundary splits the group evenly)."""
+    p = torch.tensor([[0.6, 0.4]] * 4, dtype=torch.float64)
+    hit_first, alternating = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    # per chunk of two: |1 - 1.2| (half of the group's two correct samples each) -> (0.2 + 0.2) / 4
+    for y in (hit_first, alternating):
+        assert math.isclose(adaptive_calibration_error(probs=p, target=y, n_bins=2), 0.1, rel_tol=1e-12)
+    g = torch.Generator().manual_seed(12)
+    templates = torch.randn(5, 4, generator=g, dtype=torch.float64) * 2
+    rows = torch.randint(0, 5, (300,), generator=g)
+    logits = torch.cat([templates[rows], torch.randn(40, 4, generator=g, dtype=torch.float64)])  # ties + singles
+    y = torch.randint(0, 4, (340,), generator=g)
+    ref = adaptive_calibration_error(logits, y, 15)
+    for _ in range(20):
+        perm = torch.randperm(340, generator=g)
+        assert adaptive_calibration_error(logits[perm], y[perm], 15) == ref

@@ -7,7 +7,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from ood import FeatureExtractor, Mahalanobis, fit_class_gaussian
+from ood import FeatureExtractor, Mahalanobis, create_score, fit_class_gaussian
+from ood.scores.feature_base import Classifier
 
 from conftest import TimmClassifier, loader
 
@@ -88,4 +89,21 @@ def test_zero_within_class_scatter_is_an_error():
     with pytest.raises(ValueError, match="scatter"):
         fit_class_gaussian(f, y, 3)
     with pytest.raises(ValueError, match="scatter"):
-        Mahalanobis().fit_features(f, y)
+        Mahalanobis().fit_features(f, y, 3)
+
+
+# -- 4. fit-time inputs of the feature scores (the family rules are in tests/test_harness.py) -----
+def test_nnguide_with_k1_on_an_empty_fit_set_names_the_argument():
+    """K = 1 passed the bank-size check (bank = max(1, 0)) and failed in torch.topk."""
+    with pytest.raises(ValueError, match="train_features is empty"):
+        create_score("nnguide", K=1).fit_features(torch.zeros(0, 3), torch.zeros(0, 2), None, None)
+
+
+def test_react_with_empty_validation_data_names_the_argument():
+    """An empty validation set used to reach numpy.percentile (IndexError)."""
+    h = torch.rand(20, 3, dtype=torch.float64)
+    clf = Classifier.from_linear(torch.eye(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="val_features is empty"):
+        create_score("react").fit_features(h, h[:, :2], None, clf, val_features=h[:0], val_logits=h[:0, :2])
+    with pytest.raises(ValueError, match="val_logits is None"):
+        create_score("react").fit_features(h, h[:, :2], None, clf, val_features=h)

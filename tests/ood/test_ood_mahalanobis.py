@@ -34,7 +34,7 @@ def reference_distances(f, x_fit, y_fit, c):
 @pytest.mark.parametrize("c, d", [(3, 5), (10, 16)])
 def test_distance_matches_float64_reference(c, d):
     x, y, _, _ = gaussian_data(n_per=40, c=c, d=d)
-    means, prec, used = fit_class_gaussian(x, y, covariance="empirical")
+    means, prec, used = fit_class_gaussian(x, y, c, covariance="empirical")
     assert used == "empirical"
     test = torch.randn(25, d, dtype=torch.float64) * 3
     ref = reference_distances(test, x, y, c)
@@ -43,13 +43,13 @@ def test_distance_matches_float64_reference(c, d):
     # float32 features give the same (computed in float64)
     torch.testing.assert_close(mahalanobis_distances(test.float(), means, prec),
                                torch.from_numpy(ref), rtol=1e-5, atol=1e-4)
-    m = Mahalanobis(covariance="empirical").fit_features(x, y)
+    m = Mahalanobis(covariance="empirical").fit_features(x, y, c)
     torch.testing.assert_close(m.score_features(test), -torch.from_numpy(ref).amin(1), rtol=1e-9, atol=1e-9)
 
 
 def test_chunking_is_invisible():
     x, y, _, _ = gaussian_data(n_per=30, c=3, d=6)
-    means, prec, _ = fit_class_gaussian(x, y)
+    means, prec, _ = fit_class_gaussian(x, y, 3)
     test = torch.randn(50, 6, dtype=torch.float64)
     torch.testing.assert_close(mahalanobis_distances(test, means, prec, chunk=7),
                                mahalanobis_distances(test, means, prec))
@@ -57,7 +57,7 @@ def test_chunking_is_invisible():
 
 def test_sign_higher_is_in_distribution():
     x, y, mus, _ = gaussian_data()
-    m = Mahalanobis().fit_features(x, y)
+    m = Mahalanobis().fit_features(x, y, 4)
     s = m.score_features(torch.cat([mus, mus + 100.0]))
     assert (s[:4] > s[4:]).all()
     assert (s[:4] <= 0).all()
@@ -67,7 +67,7 @@ def test_sign_higher_is_in_distribution():
 
 def test_recovers_class_structure_on_gaussians():
     x, y, mus, cov = gaussian_data(n_per=300, c=4, d=8, seed=1)
-    m = Mahalanobis(covariance="empirical").fit_features(x, y)
+    m = Mahalanobis(covariance="empirical").fit_features(x, y, 4)
     torch.testing.assert_close(m.means_[0], mus, atol=0.35, rtol=0)
     torch.testing.assert_close(torch.linalg.inv(m.precisions_[0]), cov, atol=0.25, rtol=0)
     xt, yt, _, _ = gaussian_data(n_per=100, c=4, d=8, seed=2)
@@ -82,7 +82,7 @@ def test_recovers_class_structure_on_gaussians():
 def test_singular_covariance_never_crashes(cov):
     x, y, _, _ = gaussian_data(n_per=3, c=4, d=30)  # 12 samples, width 30
     x[:, 5] = x[:, 4]  # exactly collinear column too
-    m = Mahalanobis(covariance=cov).fit_features(x, y)
+    m = Mahalanobis(covariance=cov).fit_features(x, y, 4)
     s = m.score_features(torch.randn(7, 30, dtype=torch.float64))
     assert torch.isfinite(s).all()
     assert m.covariances_[0] == ("ledoit_wolf" if cov == "auto" else cov)
@@ -90,7 +90,7 @@ def test_singular_covariance_never_crashes(cov):
 
 def test_auto_covariance_switches_at_10x_width():
     x, y, _, _ = gaussian_data(n_per=25, c=4, d=8)  # 100 samples, 80 = 10 x 8
-    assert fit_class_gaussian(x, y)[2] == "empirical"
+    assert fit_class_gaussian(x, y, 4)[2] == "empirical"
     assert fit_class_gaussian(x[:60], y[:60], num_classes=3)[2] == "ledoit_wolf"
 
 
@@ -100,7 +100,7 @@ def test_ledoit_wolf_helps_when_samples_are_few():
     far = xt + 1.5 * torch.randn_like(xt)
     auc = {}
     for cov in ("empirical", "ledoit_wolf"):
-        m = Mahalanobis(covariance=cov).fit_features(x, y)
+        m = Mahalanobis(covariance=cov, num_classes=4).fit_features(x, y)
         auc[cov] = ood_metrics(m.score_features(xt), m.score_features(far))["auroc"]
     assert auc["ledoit_wolf"] > auc["empirical"]
 
@@ -108,10 +108,10 @@ def test_ledoit_wolf_helps_when_samples_are_few():
 def test_multi_layer_and_combiner():
     x, y, _, _ = gaussian_data(n_per=50, c=3, d=6)
     x2 = torch.cat([x, x ** 2], 1)
-    m = Mahalanobis().fit_features([x, x2], y)
+    m = Mahalanobis().fit_features([x, x2], y, 3)
     ls = m.layer_scores_features([x, x2])
     assert ls.shape == (150, 2)
-    torch.testing.assert_close(ls[:, 0], Mahalanobis().fit_features(x, y).score_features(x))
+    torch.testing.assert_close(ls[:, 0], Mahalanobis().fit_features(x, y, 3).score_features(x))
     with pytest.raises(NotFittedError, match="regression"):
         m.score_features([x, x2])
     xf = x + 20.0
@@ -127,7 +127,7 @@ def test_bad_input():
     with pytest.raises(NotFittedError, match="fit"):
         Mahalanobis().score_features(x)
     assert issubclass(NotFittedError, ValueError)
-    m = Mahalanobis().fit_features(x, y)
+    m = Mahalanobis().fit_features(x, y, 3)
     with pytest.raises(ValueError, match="width in_features=5"):
         m.score_features(torch.randn(4, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN"):
@@ -137,13 +137,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         bad = x.clone()
         bad[0, 0] = float("nan")
-        Mahalanobis().fit_features(bad, y)
+        Mahalanobis().fit_features(bad, y, 3)
     with pytest.raises(ValueError, match="empty"):
-        Mahalanobis().fit_features(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+        Mahalanobis().fit_features(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="classes \\[1\\] have no samples"):
         Mahalanobis().fit_features(x[y != 1], y[y != 1], num_classes=3)
     with pytest.raises(TypeError, match="labels must hold integer"):
-        Mahalanobis().fit_features(x, y.double())
+        Mahalanobis().fit_features(x, y.double(), 3)
     with pytest.raises(ValueError, match="labels values must lie in \\[0, 2\\)"):
         Mahalanobis().fit_features(x, y, num_classes=2)
     for kw, name in [({"protocol": "magic"}, "protocol"), ({"covariance": "oas"}, "covariance"),
@@ -225,3 +225,20 @@ def test_paper_protocol_holds_out_its_fitting_samples():
 
 def test_official_grid():
     assert MAHALANOBIS_EPS_GRID == (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+
+
+def test_an_absent_highest_class_is_an_error_not_a_dropped_class():
+    """Labels 0, 1 of a 3-class problem: inferring C = max + 1 = 2 used to drop class 2 silently."""
+    x, y, _, _ = gaussian_data(n_per=20, c=3, d=4)
+    keep = y != 2
+    with pytest.raises(ValueError, match="num_classes is required"):
+        Mahalanobis().fit_features(x[keep], y[keep])
+    with pytest.raises(TypeError, match="num_classes"):
+        fit_class_gaussian(x[keep], y[keep])
+    with pytest.raises(ValueError, match=r"labels: classes \[2\] have no samples.*num_classes=3"):
+        Mahalanobis(num_classes=3).fit_features(x[keep], y[keep])
+    # model level: a model without a head's num_classes takes C from its logits (3 here)
+    model, xm, ym = _linear_setup()
+    with pytest.raises(ValueError, match=r"labels: classes \[2\] have no samples"):
+        Mahalanobis().fit(model, loader(xm[ym != 2], ym[ym != 2]))
+    assert Mahalanobis().fit(model, loader(xm, ym)).means_[0].shape[0] == 3

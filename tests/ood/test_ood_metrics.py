@@ -191,3 +191,17 @@ def test_bad_convention_and_type():
         ood_metrics([1.0], [0.0], "sklearn")
     with pytest.raises(TypeError, match="id_scores"):
         ood_metrics(["a"], [0.0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: torch.tensor(v, dtype=torch.complex64),
+    lambda v: np.asarray(v, dtype=np.complex128),
+    lambda v: [complex(x) for x in v],
+], ids=["tensor", "numpy", "list"])
+def test_complex_scores_are_refused_not_cut_to_their_real_part(make):
+    """A float64 cast keeps the real part only (torch warns, numpy's asarray does it silently)."""
+    good = [0.0, 1.0]
+    with pytest.raises(TypeError, match="id_scores must hold real scores, got complex"):
+        ood_metrics(make([1.0 + 5j, 2.0]), good)
+    with pytest.raises(TypeError, match="ood_scores must hold real scores, got complex"):
+        ood_metrics(good, make([1.0 + 0j, 2.0]))  # even a zero imaginary part: the dtype is complex

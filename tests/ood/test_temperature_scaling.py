@@ -63,3 +63,25 @@ def test_errors():
         TemperatureScaling().fit(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="logits is empty"):
         TemperatureScaling().fit(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"t_max": float("inf")}, "t_max"), ({"t_max": float("nan")}, "t_max"),
+    ({"t_min": 1e-320}, "t_min"), ({"t_min": 0.0}, "t_min"), ({"t_min": -1.0}, "t_min"),
+    ({"t_min": float("-inf")}, "t_min"), ({"t_min": 5.0, "t_max": 5.0}, "t_min < t_max"),
+])
+def test_bounds_must_be_finite_positive_normal_and_ordered(kw, name):
+    """t_max = inf was a math domain error and t_min = 1e-320 (subnormal) returned T = 0."""
+    with pytest.raises(ValueError, match=name):
+        TemperatureScaling(**kw)
+    with pytest.raises(ValueError, match=name):
+        fit_temperature(torch.zeros(2, 3), torch.tensor([0, 1]), **kw)
+
+
+def test_extreme_normal_bounds_give_a_finite_positive_temperature():
+    z = torch.tensor([[5.0, 0.0], [0.0, 5.0]], dtype=torch.float64) * 1e10  # separable: T falls to t_min
+    t = fit_temperature(z, torch.tensor([0, 1]), t_min=1e-300, t_max=1e300)
+    assert t == 1e-300
+    z = torch.tensor([[5.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    t = fit_temperature(z, torch.tensor([1, 0]), t_min=1e-300, t_max=1e300)  # every label wrong: T grows to t_max
+    assert t == 1e300
