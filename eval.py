@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from lossbench.errors import UserInputError
     from lossbench.experiments import evaluate_checkpoint, write_report
+    from lossbench.experiments.evaluate_run import check_score_kwargs, resolve_scores
 
     args = build_parser().parse_args(argv)
     ckpt = args.checkpoint or os.path.join(args.run, "best.pt")
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             ood_sets[name] = names
     if args.search and args.val_ood is None:
         raise UserInputError("--search needs --val-ood, the validation OOD set the search is run on")
+    check_score_kwargs(resolve_scores(args.scores), args.score_args, "--score-args")  # before loading anything
     cache = None if args.no_feature_cache else (args.feature_cache or os.path.join(out, "features"))
     result = evaluate_checkpoint(ckpt, ood_sets=ood_sets, scores=args.scores, score_kwargs=args.score_args,
                                  convention=args.convention, data_root=args.data_root,

@@ -13,3 +13,7 @@ class UserInputError(ValueError):
 
 class UnknownNameError(UserInputError):
     """A registry was asked for a name it does not hold."""
+
+
+class UnknownArgumentError(UserInputError, TypeError):
+    """A constructor was given a keyword it does not take (a ``TypeError``, as Python's own)."""

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
 
 import torch.nn as nn
 
-from .errors import UnknownNameError
+from .errors import UnknownArgumentError, UnknownNameError
 
 T = TypeVar("T")
 LOGITS = "logits"
@@ -74,14 +74,15 @@ class Registry(Generic[T]):
 
 
 def check_kwargs(what: str, ctor: Callable, kwargs: Dict[str, Any]) -> None:
-    """``TypeError`` naming the first keyword of ``kwargs`` that ``ctor`` does not take."""
+    """:class:`~lossbench.errors.UnknownArgumentError` (a ``TypeError``) naming the first keyword of
+    ``kwargs`` that ``ctor`` does not take."""
     params = inspect.signature(ctor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [p for p in params if p != "self"]
     for key in kwargs:
         if key not in params:
-            raise TypeError(f"unknown hyper-parameter {key!r} for {what}; valid ones are {valid}")
+            raise UnknownArgumentError(f"unknown hyper-parameter {key!r} for {what}; valid ones are {valid}")
 
 
 LOSSES: Registry[nn.Module] = Registry("loss", kinds=(LOGITS, HEAD))

@@ -16,19 +16,31 @@ conventions, which move FPR@95 by tens of points on the same scores; every resul
   equally near points the one with the most false positives (lowest threshold) wins, as their
   ``fpr_and_fdr_at_recall`` does (``argmin`` over the reversed curve).
 
-``'openood'`` -- OpenOOD's ``openood/evaluators/metrics.py`` (``auc_and_fpr_recall``) as it has been
-since August 2023, after its v1.5 tag (at the tag the FPR@95 was the ID-positive one, the share of
-OOD accepted at 95 % ID recall, close to ``'paper'``; OpenOOD's leaderboard FPR numbers changed with
-it), and pytorch-ood ``utils.py`` (``OODMetrics``, ``fpr_at_tpr``):
+``'openood'`` -- OpenOOD's ``openood/evaluators/metrics.py`` as it has been since August 2023, after
+its v1.5 tag (commit 873e8c2; ``compute_all_metrics`` -> ``auc_and_fpr_recall``), computed the same way:
 
-* OOD is the positive class, scored by the negated scores; ``auroc`` = ``auc(roc_curve)``.
-* ``fpr95``: the share of ID flagged at the *first* ROC point with TPR >= 0.95 (TPR on OOD), no
-  interpolation. Every threshold is kept, as pytorch-ood's curve does; OpenOOD calls
-  ``roc_curve`` with sklearn's default ``drop_intermediate=True``, which can drop a point lying
-  on a straight run of the curve and then report a slightly higher FPR (rare with continuous
-  scores).
+* OOD is the positive class, scored by the negated scores: ``fpr, tpr = roc_curve(is_ood, -s)``
+  with sklearn's default ``drop_intermediate=True``; ``auroc = auc(fpr, tpr)``.
+* ``fpr95 = fpr[argmax(tpr >= 0.95)]``: the share of ID flagged at the first point of *that* curve
+  with TPR (on OOD) >= 0.95, no interpolation. The curve has one point per distinct score, minus
+  sklearn's dropped points: a point is dropped when the increments of both the false- and the
+  true-positive counts into it equal those out of it (zero second differences of both cumulative
+  counts; the first and last points stay). On tied integer scores such a run is common, and
+  the dropped point can be the one that first reaches 95 %; the first point kept after it
+  then has a higher FPR (a hand-worked case is in ``tests/ood/test_ood_metrics.py``).
+  pytorch-ood (``OODMetrics``, ``fpr_at_tpr``) takes the same first point on the full curve.
 * ``aupr_in`` / ``aupr_out``: trapezoid rule (``sklearn.metrics.auc``) over
   ``precision_recall_curve`` with ID / OOD positive.
+
+``'openood_v1.5'`` -- the same file at OpenOOD's v1.5 tag (2023-06-26; ``fpr_recall`` and ``auc``), which
+the early v1.5 leaderboard FPR figures used:
+
+* ID is the positive class: ``fpr, tpr = roc_curve(is_id, s)`` (default ``drop_intermediate``);
+  ``fpr95 = fpr[argmax(tpr >= 0.95)]``, the share of OOD accepted at the first point (same curve
+  rule as above) keeping >= 95 % of ID -- the classic quantity, but on the thinned curve, where
+  ``'paper'`` takes the *nearest* point of the full one.
+* ``auroc = auc(fpr, tpr)``; ``aupr_in`` from ``precision_recall_curve(is_id, s)``, ``aupr_out`` from
+  ``precision_recall_curve(is_ood, 1 - s)`` (its ``1 - conf``), both by the trapezoid rule.
 
 Both: ``detection_error = min_t 0.5 * (1 - TPR(t)) + 0.5 * FPR(t)`` over all thresholds,
 including "reject everything" (Liang et al. 2018 ODIN ``calMetric.py``; symmetric in the two
@@ -43,7 +55,7 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-CONVENTIONS = ("paper", "openood")
+CONVENTIONS = ("paper", "openood", "openood_v1.5")
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
 
 
@@ -87,9 +99,14 @@ def fpr_at_tpr_nearest(labels: np.ndarray, scores: np.ndarray, recall: float = 0
     return float(fpr[idx])
 
 
-def fpr_at_tpr_first(labels: np.ndarray, scores: np.ndarray, recall: float = 0.95) -> float:
-    """FPR at the first ROC point with TPR >= ``recall`` (OpenOOD / pytorch-ood)."""
-    fpr, tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+def fpr_at_tpr_first(labels: np.ndarray, scores: np.ndarray, recall: float = 0.95,
+                     drop_intermediate: bool = True) -> float:
+    """FPR at the first ROC point with TPR >= ``recall`` on sklearn's ``roc_curve`` (OpenOOD).
+
+    ``drop_intermediate=True`` is OpenOOD's call (sklearn's default curve, see the module
+    docstring); ``False`` keeps a point per distinct score (pytorch-ood).
+    """
+    fpr, tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=drop_intermediate)
     return float(fpr[int(np.argmax(tpr >= recall))])
 
 
@@ -122,12 +139,20 @@ def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike, convention: str = "
         aupr_in = skm.average_precision_score(is_id, scores)
         aupr_out = skm.average_precision_score(is_ood, -scores)
         fpr = fpr_at_tpr_nearest(is_id, scores, recall)
-    else:
-        fpr_c, tpr_c, _ = skm.roc_curve(is_ood, -scores, drop_intermediate=False)
+    elif convention == "openood":
+        fpr_c, tpr_c, _ = skm.roc_curve(is_ood, -scores)
         auroc = skm.auc(fpr_c, tpr_c)
-        fpr = fpr_at_tpr_first(is_ood, -scores, recall)
+        fpr = fpr_c[int(np.argmax(tpr_c >= recall))]
         p_in, r_in, _ = skm.precision_recall_curve(is_id, scores)
         p_out, r_out, _ = skm.precision_recall_curve(is_ood, -scores)
+        aupr_in = skm.auc(r_in, p_in)
+        aupr_out = skm.auc(r_out, p_out)
+    else:  # openood_v1.5
+        fpr_c, tpr_c, _ = skm.roc_curve(is_id, scores)
+        auroc = skm.auc(fpr_c, tpr_c)
+        fpr = fpr_c[int(np.argmax(tpr_c >= recall))]
+        p_in, r_in, _ = skm.precision_recall_curve(is_id, scores)
+        p_out, r_out, _ = skm.precision_recall_curve(is_ood, 1.0 - scores)
         aupr_in = skm.auc(r_in, p_in)
         aupr_out = skm.auc(r_out, p_out)
     return {

@@ -6,9 +6,11 @@ averages the per-set metrics of ``nearood`` / ``farood`` the same way).
 
 *Search* (OpenOOD's "APS", ``hyperparam_search`` in ``openood/evaluation_api/evaluator.py``): for a
 score class with a non-empty ``GRID``, every point of the grid (the Cartesian product in the
-grid's key order, first key slowest, as ``itertools.product``) is fitted and scored on the ID
+grid's key order with the **first key varying fastest**, the order of OpenOOD's
+``Evaluator.recursive_generator``; the reverse of ``itertools.product``) is fitted and scored on the ID
 **validation** split against the **validation OOD** set; the point with the highest AUROC is kept
-(ties: the first point, as OpenOOD's strict ``>``). The test sets are never seen. A parameter the
+(ties: the first point in that order, as OpenOOD's strict ``>``; so ODIN's grid ``temperature`` x
+``eps`` visits every temperature at the first ``eps`` before the second ``eps``). The test sets are never seen. A parameter the
 caller fixes in ``score_kwargs`` is not searched. A grid point the score cannot run
 (:class:`~ood.scores.feature_base.ScoreNotApplicable`, e.g. ViM with ``dim`` >= the feature width) is
 recorded with its reason and skipped; when no point runs, the score is skipped.
@@ -33,12 +35,19 @@ def grid_of(name: str, fixed: Mapping[str, Any] = ()) -> Dict[str, Tuple[Any, ..
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> List[Dict[str, Any]]:
-    """Every point of ``grid`` as a dict, first key slowest (``itertools.product`` order)."""
+    """Every point of ``grid`` as a dict, the first key varying fastest (OpenOOD's enumeration order).
+
+    OpenOOD v1.5 ``Evaluator.recursive_generator`` loops over the last parameter's values outermost,
+    so ``{'a': (1, 2), 'b': ('x', 'y')}`` gives ``a=1,b=x; a=2,b=x; a=1,b=y; a=2,b=y``; with the
+    strict ``>`` of its search this order decides which of two tied points is chosen.
+    """
     keys = list(grid)
     for k in keys:
         if isinstance(grid[k], (str, bytes)) or not len(grid[k]):
             raise ValueError(f"grid[{k!r}] must be a non-empty sequence of values, got {grid[k]!r}")
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    # itertools.product varies its last argument fastest: feed it the keys reversed
+    points = (dict(zip(keys[::-1], values)) for values in itertools.product(*(grid[k] for k in keys[::-1])))
+    return [{k: p[k] for k in keys} for p in points]
 
 
 def _plain(v: Any) -> Any:

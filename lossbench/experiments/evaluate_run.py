@@ -19,13 +19,13 @@ import torch.nn as nn
 
 import torch
 
-from ood import FeatureCache, FeaturePasses, evaluate_ood, list_scores
+from ood import FeatureCache, FeaturePasses, create_score, evaluate_ood, list_scores
 from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
 
 from ..errors import UserInputError
 from ..framework.builders import classification_metrics, load_run, make_loader, predict
 from ..framework.data import DataBundle
-from ..framework.ood_sets import get_ood_dataset
+from ..framework.ood_sets import check_ood_sets, get_ood_dataset
 from ..framework.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from .embedding import embedding_quality
 from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc
@@ -44,6 +44,27 @@ def resolve_scores(scores: Optional[Sequence[str]]) -> list:
     if list(scores) == ["all"]:
         return list_scores()
     return list(scores)
+
+
+def check_score_kwargs(scores: Sequence[str], score_kwargs: Any, what: str = "score_kwargs") -> None:
+    """:class:`UserInputError` (named ``what``) unless ``score_kwargs`` maps requested scores to arguments
+    each score accepts: every score is built once with its arguments (cheap; nothing is fitted), so
+    an unknown name, an unknown key or a value the score rejects is reported before any work."""
+    if score_kwargs is None:
+        return
+    if not isinstance(score_kwargs, Mapping):
+        raise UserInputError(f"{what} must map score names to {{argument: value}} mappings, got {score_kwargs!r}")
+    for name, kwargs in score_kwargs.items():
+        if name not in scores:
+            raise UserInputError(f"{what} names {name!r}, which is not among the scores evaluated: {list(scores)}")
+        if not isinstance(kwargs, Mapping):
+            raise UserInputError(f"{what}[{name!r}] must be a mapping of arguments, got {kwargs!r}")
+        try:
+            create_score(name, **kwargs)
+        except UserInputError as err:
+            raise UserInputError(f"{what}[{name!r}]: {err}") from None
+        except (TypeError, ValueError) as err:  # the score's own check of a value
+            raise UserInputError(f"{what}[{name!r}] = {dict(kwargs)}: {err}") from None
 
 
 def default_ood_sets(has_heldout: bool) -> list:
@@ -115,11 +136,14 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
     ('cosine' or 'euclidean') adds P@1 / MAP@R of the test features under ``'embedding'``.
     """
     scores = resolve_scores(scores)
+    check_score_kwargs(scores, score_kwargs)
     ood_sets, groups = split_ood_sets(ood_sets, "heldout" in bundle.ood)
     if search and val_ood is None:
         raise UserInputError("search=True needs val_ood, the validation OOD set the grid search is run on")
     if val_ood is not None and val_ood in ood_sets:
         raise UserInputError(f"val_ood {val_ood!r} is also a test OOD set; the validation OOD set must be another set")
+    check_ood_sets(list(ood_sets) + ([val_ood] if val_ood is not None else []), data_root, data=bundle.name,
+                   has_heldout="heldout" in bundle.ood)  # before the forward passes
     cache = FeatureCache(feature_cache_dir, model) if feature_cache_dir else None
     passes = FeaturePasses(model, cache)  # one pass per loader, shared with (and cached for) the OOD scores
     test_loader, val_loader = make_loader(bundle.test, batch_size), make_loader(bundle.val, batch_size)

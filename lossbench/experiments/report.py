@@ -19,9 +19,11 @@ from ..framework.io import atomic_save_figure
 CONVENTION_NOTES = {
     "paper": "seed papers' convention: ID positive; FPR@95 = share of OOD accepted at the ROC point "
              "nearest to 95% of ID kept; AUPR = average precision",
-    "openood": "OpenOOD (code since Aug 2023, after its v1.5 tag) / pytorch-ood convention: OOD positive; "
-               "FPR@95 = share of ID flagged at the first ROC point catching >= 95% of OOD; AUPR by the "
-               "trapezoid rule",
+    "openood": "OpenOOD (code since Aug 2023, after its v1.5 tag) convention: OOD positive; "
+               "FPR@95 = share of ID flagged at the first point of sklearn's roc_curve catching >= 95% of OOD; "
+               "AUPR by the trapezoid rule",
+    "openood_v1.5": "OpenOOD v1.5 tag convention: ID positive; FPR@95 = share of OOD accepted at the first "
+                    "point of sklearn's roc_curve keeping >= 95% of ID; AUPR by the trapezoid rule",
 }
 
 

@@ -195,10 +195,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
 
 def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
     """Rebuild the model, configuration and data of a saved run from its checkpoint file."""
+    dev = select_device(device)  # a device that is not there: said before anything is loaded
     state = load_checkpoint(checkpoint)
     args = from_dict(state["config"])
     args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
-    dev = select_device(device)
     bundle = load_bundle(args)
     model = build_model(args, bundle)
     try:

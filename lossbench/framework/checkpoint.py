@@ -6,6 +6,7 @@ the trainer and the benchmark both call it, so they accept and refuse the same c
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any, Dict, Iterable, List, Mapping
@@ -71,11 +72,38 @@ def comparable_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in merged.items() if k not in RUN_CONTROL_KEYS}, default=str))
 
 
+#: Constructor arguments that come from the data and the backbone, not from ``loss_args``.
+_SIZED_BY_THE_MODEL = ("num_classes", "in_features")
+
+
+def resolved_loss_args(loss: Any, loss_args: Any) -> Dict[str, Any]:
+    """``loss_args`` completed with the defaults of loss ``loss``'s constructor (JSON-normalised).
+
+    ``{}`` and ``{'label_smoothing': 0.0}`` build the same ``ce`` loss, so they resolve to the same
+    mapping. An unknown loss name (or a non-mapping) is returned as given, for the caller to compare.
+    """
+    from ..errors import UnknownNameError
+    from ..registry import get_loss_entry
+
+    if not isinstance(loss_args, Mapping):
+        return loss_args
+    try:
+        params = inspect.signature(get_loss_entry(str(loss)).constructor).parameters
+    except UnknownNameError:
+        return dict(loss_args)
+    defaults = {name: p.default for name, p in params.items()
+                if p.default is not inspect.Parameter.empty and name not in _SIZED_BY_THE_MODEL
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return json.loads(json.dumps({**defaults, **loss_args}, default=str))
+
+
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
     """``'key: old -> new'`` for every key outside :data:`RUN_CONTROL_KEYS` whose value changed.
 
     A key that only one side has (an option added after the run was saved) counts as unchanged
-    when the other side holds that option's default.
+    when the other side holds that option's default. ``loss_args`` are compared resolved against
+    the loss's defaults (:func:`resolved_loss_args`), one ``loss_args.<name>`` entry per changed value,
+    so spelling out a default (``configs/ce.yaml``) is not a change.
     """
     from .config import build_parser
 
@@ -85,6 +113,12 @@ def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> List[str
         if key in defaults:
             a.setdefault(key, defaults[key])
             b.setdefault(key, defaults[key])
+    for side in (a, b):
+        args = resolved_loss_args(side.get("loss"), side.pop("loss_args", {}))
+        if isinstance(args, dict):
+            side.update({f"loss_args.{k}": v for k, v in args.items()})
+        else:
+            side["loss_args"] = args
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

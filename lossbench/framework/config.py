@@ -170,6 +170,11 @@ def load_yaml(path: str) -> Dict[str, Any]:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as err:  # a syntax error: say where, on one line
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value, got {type(data).__name__}")
     return data
@@ -220,6 +225,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"val_fraction must be in (0, 1), got {args.val_fraction}")
     if args.channels not in (None, 1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {args.channels}")
+    check_loss_args(args.loss, args.loss_args)
     validate_augment(args)
 
 
@@ -253,6 +259,30 @@ def validate_optim(args: argparse.Namespace) -> None:
         raise ConfigError(f"wa_decay must lie in [0, 1], got {args.wa_decay!r}")
     if float(args.wa_power) < 0:
         raise ConfigError(f"wa_power must be >= 0, got {args.wa_power!r}")
+
+
+#: Head arguments the model sets (from the data and the backbone), never ``loss_args``.
+MODEL_SET_LOSS_ARGS = ("num_classes", "in_features")
+
+
+def check_loss_args(loss: str, loss_args: Any, what: str = "loss_args (--loss-args)") -> None:
+    """:class:`ConfigError` for an unknown loss name or a ``loss_args`` key the loss does not take.
+
+    Checked when the configuration is read, before any data is loaded; the values are checked by
+    the loss itself when the model is built.
+    """
+    from ..registry import check_kwargs, get_loss_entry
+
+    entry = get_loss_entry(loss)  # an unknown name lists the valid ones
+    if not isinstance(loss_args, dict):
+        raise ConfigError(f"{what} must be a mapping of hyper-parameters, got {loss_args!r}")
+    fixed = sorted(set(loss_args) & set(MODEL_SET_LOSS_ARGS))
+    if fixed:
+        raise ConfigError(f"{what} sets {fixed}, which the model sets from the data and the backbone")
+    try:
+        check_kwargs(f"loss {entry.name!r}", entry.constructor, loss_args)
+    except UserInputError as err:
+        raise ConfigError(f"{what}: {err}") from None
 
 
 def validate_augment(args: argparse.Namespace) -> None:

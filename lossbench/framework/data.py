@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..errors import UnknownNameError
+from ..errors import UnknownNameError, UserInputError
 from .augment import NO_AUGMENT, AugmentSpec
 from .image_cache import DecodedImages, decode_image_folder
 from .images import ImageSpec, LabeledTransform, NoiseDataset
@@ -139,10 +139,11 @@ def _labels_of(ds: Dataset) -> np.ndarray:
 
 def _check_id_classes(id_classes: Sequence[int], n: int) -> None:
     if len(set(id_classes)) != len(id_classes) or len(id_classes) < 2:
-        raise ValueError(f"id_classes must be >= 2 distinct class indices, got {list(id_classes)}")
+        raise UserInputError(f"id_classes (--id-classes) must be >= 2 distinct class indices, got {list(id_classes)}")
     bad = [c for c in id_classes if not 0 <= int(c) < n]
     if bad:
-        raise ValueError(f"id_classes must lie in [0, {n}), got {bad}")
+        raise UserInputError(f"id_classes (--id-classes) must lie in [0, {n}) for this data set of {n} classes, "
+                             f"got {bad}")
 
 
 def _decoded(folder, spec: ImageSpec, cache_dir: Optional[str]) -> DecodedImages:

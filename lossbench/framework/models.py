@@ -56,7 +56,7 @@ def create_backbone(name: str, in_chans: int = 3, pretrained: bool = False,
     from . import nets  # noqa: F401  (registers lossbench's networks with timm)
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model name {name!r} (see timm.list_models())")
+        raise UserInputError(f"unknown timm model name {name!r} (--model; see timm.list_models())")
     if pretrained_file is not None:
         import os
 
@@ -101,5 +101,10 @@ def create_model(model_name: str, num_classes: int, loss: str = "ce",
     backbone = create_backbone(model_name, in_chans, pretrained, pretrained_file, **backbone_kwargs)
     if small_stem:
         use_small_stem(backbone)
-    head = build_head(loss, num_classes=num_classes, in_features=penultimate_width(backbone), **(loss_args or {}))
+    try:
+        head = build_head(loss, num_classes=num_classes, in_features=penultimate_width(backbone), **(loss_args or {}))
+    except UserInputError:
+        raise
+    except ValueError as err:  # the loss's own check of a hyper-parameter value
+        raise UserInputError(f"loss {loss!r} with loss_args {dict(loss_args or {})}: {err}") from err
     return Classifier(backbone, head)

@@ -9,13 +9,16 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..errors import UserInputError
+
 
 def select_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but CUDA is not available here")
+        raise UserInputError(f"device {spec!r} (--device) was asked for but CUDA is not available here; "
+                             f"use --device cpu, or auto (CUDA when there is one)")
     return dev
 
 

@@ -331,3 +331,28 @@ def test_leaderboard_calibration_columns():
     old = leaderboard_markdown(summarize({"ce": {0: _metrics(0.9, 0.8, 0.6)}}), ["msp"], ["a", "b"], "paper")
     old_header = next(l for l in old.splitlines() if l.startswith("| loss |"))
     assert "ECE after TS" not in old_header and "| ECE | P@1 |" in old_header
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    ({"ood_sets": ["gaussian", "no_such_set"]}, ConfigError, "ood_sets: unknown OOD set name 'no_such_set'"),
+    ({"ood_sets": ["gaussian"], "val_ood_set": "no_such_set"}, ConfigError, "val_ood_set: unknown OOD set name"),
+    ({"ood_sets": ["gaussian", "imagefolder:{data_root}/missing"]}, FileNotFoundError, "missing"),
+    ({"ood_sets": ["gaussian", "mnist"]}, FileNotFoundError, "'mnist' was not found"),
+    ({"ood_sets": ["uniform"], "val_ood_set": "imagefolder:{data_root}/missing_val"}, FileNotFoundError, "missing_val"),
+    ({"ood_sets": ["heldout"], "train": {"data": "mnist", "data_root": "{tmp}"}}, ValueError, "needs held-out classes"),
+])
+def test_every_ood_set_is_checked_before_any_cell_trains(tmp_path, monkeypatch, extra, error, match):
+    """A bad OOD set name or a missing one is an error before the first cell's training, not after it."""
+    from lossbench.errors import UserInputError
+    from lossbench.framework.trainer import Trainer
+
+    trained = []
+    monkeypatch.setattr(Trainer, "fit", lambda self: trained.append(self.args.name))
+    overrides = {"losses": ["ce"], "seeds": [0], "output": str(tmp_path / "out"),
+                 "train": {"epochs": 1, "model": "test_resnet", "data_root": str(tmp_path)}, **extra}
+    overrides["train"] = {k: str(v).replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v
+                          for k, v in overrides["train"].items()}
+    with pytest.raises(error, match=match) as caught:
+        run_benchmark(load_config(str(DIGITS), overrides), progress=False)
+    assert isinstance(caught.value, UserInputError)  # bench.py prints it as one line, exit 2
+    assert trained == [] and not (tmp_path / "out" / "runs").exists()

@@ -19,13 +19,13 @@ GROUPS = {"near": ["heldout"], "far": ["uniform"]}
 
 
 def test_config_takes_groups_a_validation_set_and_search():
-    cfg = resolve_config({"ood_sets": {"near": ["a"], "far": ["b", "c"]}, "val_ood_set": "v", "search": True})
-    assert cfg.ood_sets == ["a", "b", "c"] and cfg.ood_groups == {"near": ["a"], "far": ["b", "c"]}
-    assert eval_ood_sets(cfg, None) == {"near": ["a"], "far": ["b", "c"]} and eval_val_ood(cfg, None) == "v"
+    cfg = resolve_config({"ood_sets": {"near": ["gaussian"], "far": ["uniform", "mnist"]}, "val_ood_set": "imagefolder:v", "search": True})
+    assert cfg.ood_sets == ["gaussian", "uniform", "mnist"] and cfg.ood_groups == {"near": ["gaussian"], "far": ["uniform", "mnist"]}
+    assert eval_ood_sets(cfg, None) == {"near": ["gaussian"], "far": ["uniform", "mnist"]} and eval_val_ood(cfg, None) == "imagefolder:v"
     s = eval_settings(cfg, None)
-    assert s["ood_groups"] == cfg.ood_groups and s["val_ood_set"] == "v" and s["search"] is True
-    cfg = resolve_config({"ood_sets": {"near": ["{data_root}/x"]}, "val_ood_set": "{data_root}/v"})
-    assert eval_ood_sets(cfg, "R") == {"near": ["R/x"]} and eval_val_ood(cfg, "R") == "R/v"
+    assert s["ood_groups"] == cfg.ood_groups and s["val_ood_set"] == "imagefolder:v" and s["search"] is True
+    cfg = resolve_config({"ood_sets": {"near": ["imagefolder:{data_root}/x"]}, "val_ood_set": "imagefolder:{data_root}/v"})
+    assert eval_ood_sets(cfg, "R") == {"near": ["imagefolder:R/x"]} and eval_val_ood(cfg, "R") == "imagefolder:R/v"
 
 
 def test_settings_of_a_flat_config_are_unchanged_so_finished_cells_stay_done():
@@ -34,13 +34,13 @@ def test_settings_of_a_flat_config_are_unchanged_so_finished_cells_stay_done():
 
 
 @pytest.mark.parametrize("data,match", [
-    ({"ood_sets": {"near": ["a"]}, "val_ood_set": "a"}, "also a test OOD set"),
-    ({"ood_sets": ["a"], "search": True}, "needs val_ood_set"),
-    ({"ood_sets": {"near": ["a"], "far": ["a"]}}, "more than once"),
-    ({"ood_sets": ["a"], "val_ood_set": "v", "search": "yes"}, "true or false"),
+    ({"ood_sets": {"near": ["gaussian"]}, "val_ood_set": "gaussian"}, "also a test OOD set"),
+    ({"ood_sets": ["gaussian"], "search": True}, "needs val_ood_set"),
+    ({"ood_sets": {"near": ["gaussian"], "far": ["gaussian"]}}, "more than once"),
+    ({"ood_sets": ["gaussian"], "val_ood_set": "imagefolder:v", "search": "yes"}, "true or false"),
     ({"ood_sets": {}}, "non-empty"),
     ({"ood_sets": {"near": []}}, "ood_sets.near"),
-    ({"ood_sets": ["a"], "val_ood_set": 3}, "val_ood_set"),
+    ({"ood_sets": ["gaussian"], "val_ood_set": 3}, "val_ood_set"),
 ])
 def test_protocol_config_errors_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):

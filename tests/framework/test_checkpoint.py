@@ -157,3 +157,22 @@ def test_full_disk_is_one_line_for_the_scripts(capsys):
     assert run_main("train.py", main, []) == 2
     assert capsys.readouterr().err == ("train.py: error: writing 'runs/x/last.pt' failed: the disk is full "
                                        "(No space left on device)\n")
+
+
+def test_explicit_default_loss_args_resume_a_run_saved_without_them():
+    """The README's ``train.py -c configs/ce.yaml --name demo --resume`` on the demo run (``loss_args: {}``)."""
+    from lossbench.framework.checkpoint import check_resumable, config_changes
+    from lossbench.framework.config import parse_args, to_dict
+
+    demo = to_dict(parse_args(["-c", "configs/demo.yaml"]))
+    now = to_dict(parse_args(["-c", "configs/ce.yaml", "--name", "demo", "--resume"]))
+    assert now["loss_args"] and not demo["loss_args"]  # ce.yaml spells the defaults out
+    assert config_changes(demo, now) == []
+    check_resumable(demo, now, "run", "hint")
+    # a real change of a loss hyper-parameter is still refused, naming it
+    smooth = to_dict(parse_args(["-c", "configs/ce.yaml", "--name", "demo", "--loss-args", "{\"label_smoothing\": 0.1}"]))
+    assert config_changes(demo, smooth) == ["loss_args.label_smoothing: 0.0 -> 0.1"]
+    with pytest.raises(CheckpointError, match=r"loss_args\.label_smoothing: 0\.0 -> 0\.1"):
+        check_resumable(demo, smooth, "run", "hint")
+    # another loss: its name and the arguments that differ
+    assert "loss: 'ce' -> 'focal'" in config_changes(demo, to_dict(parse_args(["--loss", "focal"])))

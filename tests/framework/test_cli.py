@@ -72,3 +72,131 @@ def test_scripts_print_one_line_for_user_errors(tmp_path, args, message):
 def test_every_script_has_no_progress(script):
     out = _script(script, "--help")
     assert out.returncode == 0 and "--no-progress" in out.stdout
+
+
+# ---- every script's user errors, in-process: main() through run_main, as `python <script>` runs it ----
+def _script_main(script):
+    """``main`` of a top-level script (train.py, eval.py, bench.py), imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _one_error_line(capsys, script, argv):
+    """Run ``script`` with ``argv``; assert exit status 2 and exactly one ``<script>: error:`` line; return it."""
+    assert run_main(script, _script_main(script), argv) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("loss: ce\nloss_args: {label_smoothing: 0.0\nname: x\n")  # an unclosed flow mapping
+    return str(path)
+
+
+TRAIN = ["--model", "test_resnet", "--epochs", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss-args", '{"no_such_arg": 1}'], "loss_args (--loss-args): unknown hyper-parameter 'no_such_arg' for loss 'ce'"),
+    (["--loss-args", '{"label_smoothing": 2}'], "label_smoothing"),
+    (["--id-classes", "0,1,42"], "id_classes (--id-classes) must lie in [0, 10)"),
+    (["--id-classes", "0,0,1"], "id_classes (--id-classes) must be >= 2 distinct"),
+    (["--model", "no_such_net"], "unknown timm model name 'no_such_net' (--model"),
+])
+def test_train_user_errors_are_one_line(capsys, tmp_path, argv, message):
+    line = _one_error_line(capsys, "train.py", TRAIN + ["--output", str(tmp_path)] + argv)
+    assert message in line
+
+
+def test_device_cuda_without_cuda_is_one_line(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    line = _one_error_line(capsys, "train.py", TRAIN + ["--output", str(tmp_path), "--device", "cuda"])
+    assert "device 'cuda' (--device)" in line and "CUDA is not available" in line
+    line = _one_error_line(capsys, "eval.py", ["--run", str(tmp_path / "a_run"), "--device", "cuda"])
+    assert "CUDA is not available" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--score-args", '{"msp": {"no_such_arg": 1}}'], "--score-args['msp']: unknown hyper-parameter 'no_such_arg'"),
+    (["--score-args", '{"odin": {"temperature": -1}}'], "--score-args['odin']"),
+    (["--score-args", '{"knn": {"k": 5}}'], "'knn', which is not among the scores evaluated"),
+    (["--scores", "msp", "--score-args", '["msp"]'], "--score-args must map score names"),
+])
+def test_eval_score_args_errors_are_one_line_before_anything_is_loaded(capsys, tmp_path, argv, message):
+    line = _one_error_line(capsys, "eval.py", ["--run", str(tmp_path / "no_run_needed")] + argv)
+    assert message in line
+
+
+def test_malformed_yaml_is_one_line_with_its_place(capsys, bad_yaml):
+    for script in ("train.py", "bench.py"):
+        line = _one_error_line(capsys, script, ["-c", bad_yaml])
+        assert "is not valid YAML at line 3, column 5" in line, line
+
+
+def test_bench_bad_loss_and_score_args_are_refused_before_any_training(capsys, tmp_path, monkeypatch):
+    from lossbench.framework.trainer import Trainer
+
+    trained = []
+    monkeypatch.setattr(Trainer, "fit", lambda self: trained.append(self.args.name))
+    for extra, message in (("loss_args: {ce: {no_such_arg: 1}}", "loss_args of 'ce'"),
+                           ("score_args: {msp: {no_such_arg: 1}}", "score_args['msp']")):
+        cfg = tmp_path / "bench.yaml"
+        cfg.write_text(f"losses: [ce]\nseeds: [0]\nscores: [msp]\noutput: {tmp_path / 'out'}\n"
+                       f"train: {{model: test_resnet, epochs: 1}}\n{extra}\n")
+        assert message in _one_error_line(capsys, "bench.py", ["-c", str(cfg), "--no-progress"])
+    assert trained == [] and not (tmp_path / "out").exists()
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("finished_epoch", [False, True])
+def test_train_ctrl_c_says_where_the_run_is_and_exits_130(capsys, tmp_path, monkeypatch, finished_epoch):
+    import os
+
+    from lossbench.framework.trainer import Trainer
+
+    def interrupted(self):
+        if finished_epoch:
+            os.makedirs(self.run_dir, exist_ok=True)
+            open(os.path.join(self.run_dir, "last.pt"), "wb").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    argv = TRAIN + ["--output", str(tmp_path), "--name", "run"]
+    assert run_main("train.py", _script_main("train.py"), argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: interrupted; ") and len(err.strip().splitlines()) == 1
+    if finished_epoch:
+        assert f"the last finished epoch is in {tmp_path / 'run' / 'last.pt'}" in err and "--resume" in err
+    else:
+        assert "no epoch had finished" in err
+
+
+@pytest.mark.slow
+def test_train_ctrl_c_on_a_real_run(tmp_path):
+    """SIGINT to a running ``train.py`` once its first epoch is saved: exit 130, no traceback, resumable."""
+    import signal
+    import time
+
+    argv = [sys.executable, "train.py", "--model", "test_resnet", "--epochs", "50", "--no-progress",
+            "--output", str(tmp_path), "--name", "run"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"the last finished epoch is in {last}" in err and "--resume" in err

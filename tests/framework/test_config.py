@@ -11,11 +11,12 @@ def _write(tmp_path, text):
 
 def test_defaults_file_and_cli_precedence(tmp_path):
     assert parse_args([]).lr == 2e-3
-    cfg = _write(tmp_path, "lr: 0.5\nepochs: 3\nloss_args: {a: 1}\nid-classes: 0,1,2\n")
+    cfg = _write(tmp_path, "lr: 0.5\nepochs: 3\nloss_args: {label_smoothing: 0.1}\nid-classes: 0,1,2\n")
     args = parse_args(["-c", cfg])
-    assert args.lr == 0.5 and args.epochs == 3 and args.loss_args == {"a": 1} and args.id_classes == [0, 1, 2]
-    args = parse_args(["-c", cfg, "--lr", "0.1", "--loss-args", '{"b": 2}'])
-    assert args.lr == 0.1 and args.epochs == 3 and args.loss_args == {"b": 2}
+    assert args.lr == 0.5 and args.epochs == 3 and args.loss_args == {"label_smoothing": 0.1}
+    assert args.id_classes == [0, 1, 2]
+    args = parse_args(["-c", cfg, "--lr", "0.1", "--loss-args", '{"log_partition_coef": 2}'])
+    assert args.lr == 0.1 and args.epochs == 3 and args.loss_args == {"log_partition_coef": 2}
 
 
 def test_unknown_key_names_key_and_valid_ones(tmp_path):

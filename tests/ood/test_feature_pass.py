@@ -182,8 +182,11 @@ def test_small_data_skips_instead_of_crashing():
     fit, id_l, _, oods = _loaders()
     out = evaluate_ood(_ce_model(), fit, id_l, oods, scores=("knn", "nnguide", "msp"))
     assert "knn" in out["results"]  # k = 50 <= 120 training samples
-    assert "nnguide" in out["skipped"] and "K=100" in out["skipped"]["nnguide"]
+    assert "nnguide" in out["results"]  # the bank is enlarged to K = 100 of the 120 training samples
+    assert out["info"]["nnguide"]["bank_size"] == 100
     assert "msp" in out["results"]
+    out = evaluate_ood(_ce_model(), fit, id_l, oods, scores=("nnguide",), score_kwargs={"nnguide": {"K": 200}})
+    assert "nnguide" in out["skipped"] and "K=200" in out["skipped"]["nnguide"]
 
 
 def test_model_without_head_uses_its_fc_checked_against_its_logits():

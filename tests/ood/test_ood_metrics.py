@@ -30,9 +30,29 @@ def naive_fpr_nearest(id_s, ood_s, r=0.95):
     return best[1]
 
 
-def naive_fpr_first(id_s, ood_s, r=0.95):
+def thinned(points):
+    """sklearn's ``drop_intermediate``: drop an inner point whose FP and TP count steps in and out are equal.
+
+    Rates are counts over fixed totals, so equal rate steps are equal count steps.
+    """
+    keep = [points[0]]
+    for prev, cur, nxt in zip(points, points[1:], points[2:]):
+        if not (np.isclose(cur[1] - prev[1], nxt[1] - cur[1]) and np.isclose(cur[2] - prev[2], nxt[2] - cur[2])):
+            keep.append(cur)
+    return keep + points[-1:] if len(points) > 1 else keep
+
+
+def naive_fpr_first(id_s, ood_s, r=0.95, drop=True):
     # OOD positive, scored by -s: first threshold (high to low) whose TPR on OOD >= r
-    for _, tpr, fpr in naive_points(-ood_s, -id_s):
+    pts = naive_points(-ood_s, -id_s)
+    for _, tpr, fpr in (thinned(pts) if drop else pts):
+        if tpr >= r:
+            return fpr
+
+
+def naive_fpr_first_id_positive(id_s, ood_s, r=0.95):
+    # OpenOOD v1.5's fpr_recall: ID positive, first threshold of the thinned curve keeping >= r of ID
+    for _, tpr, fpr in thinned(naive_points(id_s, ood_s)):
         if tpr >= r:
             return fpr
 
@@ -61,7 +81,7 @@ def naive_det_error(id_s, ood_s):
     return min([0.5] + [0.5 * (1 - tpr) + 0.5 * fpr for _, tpr, fpr in naive_points(id_s, ood_s)])
 
 
-@pytest.mark.parametrize("conv", ["paper", "openood"])
+@pytest.mark.parametrize("conv", ["paper", "openood", "openood_v1.5"])
 def test_perfect_separation(conv):
     m = ood_metrics([3.0, 4.0], [1.0, 2.0], conv)
     assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95": 0.0,
@@ -109,6 +129,32 @@ def test_hand_worked_fpr95_conventions():
     assert ood_metrics(id_s, ood_s)["detection_error"] == pytest.approx(0.175)
 
 
+def test_openood_fpr95_on_tied_integer_scores_uses_sklearns_thinned_curve():
+    """Hand-worked. ID confidences: 1 at 1, 1 at 2, 8 at 3; OOD: 18 at 0, 1 at 1, 1 at 2.
+
+    OOD positive on -conf, thresholds conf <= 0, 1, 2, 3: cumulative (FP on ID, TP on OOD) =
+    (0, 18), (1, 19), (2, 20), (10, 20). The point (1, 19) -- TPR 0.95, FPR 0.1 -- has equal steps
+    (+1, +1) in and out, so sklearn's default ``roc_curve`` (OpenOOD's call) drops it; the first kept
+    point with TPR >= 0.95 is (2, 20): FPR 2/10 = 0.2 (on the full curve it would be 0.1).
+    """
+    id_s = np.array([1.0] + [2.0] + [3.0] * 8)
+    ood_s = np.array([0.0] * 18 + [1.0, 2.0])
+    assert ood_metrics(id_s, ood_s, "openood")["fpr95"] == pytest.approx(0.2)
+    assert naive_fpr_first(id_s, ood_s, drop=False) == pytest.approx(0.1)
+    # v1.5 (ID positive, conf >= 3, 2, 1, 0): (TP, FP) = (8, 0), (9, 1), (10, 2), (10, 20); (9, 1) is
+    # dropped likewise (TPR 0.9 < 0.95 anyway), the first point keeping 95 % of ID is (10, 2): 2/20
+    assert ood_metrics(id_s, ood_s, "openood_v1.5")["fpr95"] == pytest.approx(0.1)
+
+
+def test_openood_v15_fpr95_is_id_positive():
+    """The hand-worked case above it: ID 1..20, OOD {0.5, 1.5, 2.5, 25}. ID positive, thresholds high
+    to low: 19 of 20 ID (TPR 0.95) are first kept at threshold 2, where OOD 2.5 and 25 pass -> 2/4."""
+    id_s, ood_s = np.arange(1.0, 21.0), np.array([0.5, 1.5, 2.5, 25.0])
+    m = ood_metrics(id_s, ood_s, "openood_v1.5")
+    assert m["fpr95"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(ood_metrics(id_s, ood_s, "openood")["auroc"], abs=1e-12)
+
+
 def _random_sets(seed, ties):
     rng = np.random.default_rng(seed)
     n1, n2 = rng.integers(5, 80, 2)
@@ -123,10 +169,15 @@ def test_against_naive_scans(seed, ties):
     a, b = _random_sets(seed, ties)
     p = ood_metrics(a, b, "paper")
     o = ood_metrics(a, b, "openood")
+    v = ood_metrics(a, b, "openood_v1.5")
     assert p["auroc"] == pytest.approx(naive_auroc(a, b), abs=1e-12)
     assert o["auroc"] == pytest.approx(naive_auroc(a, b), abs=1e-12)
+    assert v["auroc"] == pytest.approx(naive_auroc(a, b), abs=1e-12)
     assert p["fpr95"] == pytest.approx(naive_fpr_nearest(a, b), abs=1e-12)
     assert o["fpr95"] == pytest.approx(naive_fpr_first(a, b), abs=1e-12)
+    assert v["fpr95"] == pytest.approx(naive_fpr_first_id_positive(a, b), abs=1e-12)
+    assert v["aupr_in"] == pytest.approx(naive_pr_trapezoid(a, b), abs=1e-12)
+    assert v["aupr_out"] == pytest.approx(naive_pr_trapezoid(1 - b, 1 - a), abs=1e-12)
     assert p["aupr_in"] == pytest.approx(naive_ap(a, b), abs=1e-12)
     assert p["aupr_out"] == pytest.approx(naive_ap(-b, -a), abs=1e-12)
     assert o["aupr_in"] == pytest.approx(naive_pr_trapezoid(a, b), abs=1e-12)
@@ -205,3 +256,13 @@ def test_complex_scores_are_refused_not_cut_to_their_real_part(make):
         ood_metrics(make([1.0 + 5j, 2.0]), good)
     with pytest.raises(TypeError, match="ood_scores must hold real scores, got complex"):
         ood_metrics(good, make([1.0 + 0j, 2.0]))  # even a zero imaginary part: the dtype is complex
+
+
+def test_every_convention_has_a_table_caption():
+    from lossbench.experiments.report import CONVENTION_NOTES, markdown_table
+    from ood import CONVENTIONS
+
+    assert set(CONVENTION_NOTES) == set(CONVENTIONS)
+    for conv in CONVENTIONS:
+        table = markdown_table({"msp": {"x": ood_metrics([2.0, 3.0], [1.0], conv)}}, conv)
+        assert f"`{conv}`" in table

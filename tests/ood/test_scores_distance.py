@@ -181,8 +181,52 @@ def test_nnguide_random_and_hand():
     hand = create_score("nnguide", K=2, alpha=1.0).fit_features(_t([[2.0, 0.0], [0.0, 3.0]]), _t([[1.0], [2.0]]), None, None)
     out = hand.score_features(_t([[1.0, 1.0]]), _t([[3.0]]))[0].item()
     assert out == pytest.approx(3 * (1 + 2) / 2 / math.sqrt(2), rel=1e-9)
-    with pytest.raises(ScoreNotApplicable, match="K=100 exceeds"):
-        _fit("nnguide", h_tr, None, w, b)
+    with pytest.raises(ScoreNotApplicable, match="K=100 exceeds the 99 training samples"):
+        _fit("nnguide", h_tr[:99], None, w, b)
+
+
+def test_nnguide_default_bank_is_at_least_k_samples_on_small_training_sets():
+    h_tr, y, w, b = _rand(100, seed=12)
+    # 1 % of 100 is 1 sample, fewer than K = 100: the bank is enlarged to K (here every sample)
+    s = _fit("nnguide", h_tr, None, w, b)
+    assert s.info()["bank_size"] == 100
+    # alpha N = 2 < K = 4: the first 4 of the seeded permutation
+    s = _fit("nnguide", h_tr[:20], None, w, b, K=4, alpha=0.1, seed=5)
+    idx = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:4].numpy()
+    z_tr = h_tr[:20] @ w.T + b
+    ref = h_tr[idx] / (np.linalg.norm(h_tr[idx], axis=1, keepdims=True) + 1e-10) * logsumexp(z_tr[idx], axis=1)[:, None]
+    np.testing.assert_allclose(s.bank_.numpy(), ref, rtol=1e-12)
+    first = _fit("nnguide", h_tr[:20], None, w, b, K=4, alpha=0.1, bank="first")
+    assert first.info()["bank_size"] == 4
+    # from N >= K / alpha on, the bank is round(alpha N)
+    assert create_score("nnguide", K=4, alpha=0.1).bank_size(40) == 4
+    assert create_score("nnguide", K=4, alpha=0.1).bank_size(45) == 4  # round(4.5) = 4
+    assert create_score("nnguide").bank_size(50_000) == 500
+    assert create_score("nnguide").bank_size(9_000) == 100  # OpenOOD runs here; this used to refuse
+
+
+def test_nnguide_openood_bank_is_whole_loader_batches():
+    from ood.scores.nnguide import openood_bank_size
+
+    assert openood_bank_size(50_000, 0.01, 128) == 512  # 4 batches of 128: 3 x 128 = 384 <= 500
+    assert openood_bank_size(50_000, 0.01, 200) == 600  # OpenOOD's Evaluator batch: 2 x 200 = 400 <= 500
+    assert openood_bank_size(9_000, 0.01, 128) == 128   # int(90) // 128 + 1 = 1 batch
+    assert openood_bank_size(100, 0.08, 4) == 12        # 8 samples asked: the stop is strict (2 x 4 = 8 is not > 8)
+    assert openood_bank_size(10, 1.0, 4) == 10          # the loader runs out first
+    assert create_score("nnguide", bank="openood").bank_size(50_000) == 600
+    assert create_score("nnguide", bank="openood", bank_batch_size=128).bank_size(50_000) == 512
+    h_tr, y, w, b = _rand(100, seed=12)
+    z_tr = h_tr @ w.T + b
+    s = _fit("nnguide", h_tr, None, w, b, K=2, alpha=0.1, bank="openood", bank_batch_size=4)
+    ref = h_tr[:12] / (np.linalg.norm(h_tr[:12], axis=1, keepdims=True) + 1e-10) * logsumexp(z_tr[:12], axis=1)[:, None]
+    np.testing.assert_allclose(s.bank_.numpy(), ref, rtol=1e-12)
+    assert s.info()["bank_size"] == 12 and s.info()["bank_batch_size"] == 4
+    with pytest.raises(ScoreNotApplicable, match="OpenOOD's bank of 4 samples"):
+        _fit("nnguide", h_tr, None, w, b, K=5, alpha=0.01, bank="openood", bank_batch_size=4)
+    with pytest.raises(ValueError, match="bank_batch_size applies to bank='openood' only"):
+        create_score("nnguide", bank_batch_size=128)
+    with pytest.raises(ValueError, match="bank_batch_size must be a positive int"):
+        create_score("nnguide", bank="openood", bank_batch_size=0)
 
 
 # ---- Relation ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from ood import create_score, evaluate_ood, resolve_classifier, collect_features
-from ood.search import check_groups, grid_of, grid_points, group_means
+from ood.search import check_groups, grid_of, grid_points, group_means, search_score
 
 from conftest import loader
 from test_feature_pass import _ce_model, _data, _loaders
@@ -17,14 +17,32 @@ def _val_ood():
     return loader(torch.randn(36, 6, generator=g) * 1.5 + 1.0)
 
 
-def test_grid_points_are_the_product_first_key_slowest():
+def test_grid_points_are_the_product_first_key_fastest_as_openood():
     pts = grid_points({"a": (1, 2), "b": ("x", "y", "z")})
-    assert pts == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
+    # OpenOOD's recursive_generator: the last parameter's loop is the outer one
+    assert pts == [{"a": a, "b": b} for b in ("x", "y", "z") for a in (1, 2)]
+    assert all(list(p) == ["a", "b"] for p in pts)
     with pytest.raises(ValueError, match=r"grid\['a'\]"):
         grid_points({"a": ()})
     assert grid_of("react") == {"percentile": (85, 90, 95, 99)}
     assert grid_of("react", {"percentile": 90}) == {}
     assert set(grid_of("odin")) == {"temperature", "eps"}
+
+
+def test_search_tie_between_two_grid_points_keeps_openoods_first():
+    """ODIN's grid: (T=10, eps=0.0014) and (T=1, eps=0.0028) tie for the best AUROC. OpenOOD visits
+    every temperature at eps=0.0014 first, so (10, 0.0014) comes first and wins its strict ``>``."""
+    best = {(10.0, 0.0014), (1.0, 0.0028)}
+    s_in, s_out = np.array([2.0, 3.0, 4.0]), np.array([1.0, 2.5, 0.0])  # AUROC 8/9
+    worse = np.array([3.0, 5.0, 0.0])  # AUROC 4/9
+
+    def evaluate_point(score):
+        return s_in, (s_out if (score.temperature, score.eps) in best else worse)
+
+    rec = search_score("odin", {}, evaluate_point)
+    assert rec["chosen"] == {"temperature": 10.0, "eps": 0.0014}
+    assert [t["params"]["eps"] for t in rec["grid"][:4]] == [0.0014] * 4
+    assert sum(t["val_auroc"] == rec["val_auroc"] for t in rec["grid"]) == 2
 
 
 def test_search_keeps_the_best_validation_auroc_by_brute_force():

@@ -13,7 +13,7 @@ from ...framework.io import atomic_write_text
 from .aggregate import collect, failures, set_label, summarize
 from .cells import run_cell
 from .plots import plot_acc_vs_auroc, plot_best_roc
-from .schema import BenchConfig, cell_args, expand_ood_sets
+from .schema import BenchConfig, cell_args, check_cell_inputs, expand_ood_sets
 from .tables import compact_markdown, leaderboard_csv, leaderboard_markdown
 
 
@@ -54,11 +54,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, plots: bool = True) -
     from tqdm import tqdm
 
     t0 = time.time()
+    check_cell_inputs(cfg)  # fail fast on a bad loss config or OOD set, before hours of training
     os.makedirs(cfg.output, exist_ok=True)
     atomic_write_text(os.path.join(cfg.output, "bench.yaml"), yaml.safe_dump(asdict(cfg), sort_keys=False))
     grid = [(loss, seed) for loss in cfg.losses for seed in cfg.seeds]
-    for loss in cfg.losses:  # fail fast on a bad loss config, before hours of training
-        cell_args(cfg, loss, cfg.seeds[0])
     counts = {k: 0 for k in ("trained", "resumed", "evaluated", "skipped", "failed")}
     actions: Dict[Tuple[str, int], str] = {}
     bar = tqdm(grid, desc="benchmark", unit="cell", disable=not progress, dynamic_ncols=True)

@@ -10,10 +10,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ood import CONVENTIONS, list_scores
 
+from ...errors import UserInputError
 from ...framework.cli import parse_list
-from ...framework.config import ConfigError, apply_config, build_parser, load_yaml, validate
+from ...framework.config import ConfigError, apply_config, build_parser, check_loss_args, load_yaml, validate
+from ...framework.ood_sets import ood_set_kind
 from ...registry import list_losses
 from ..embedding import EMBEDDING_DISTANCES
+from ..evaluate_run import check_score_kwargs
 
 
 #: Keys of a benchmark config besides ``train``; see :class:`BenchConfig` for their meaning.
@@ -80,7 +83,18 @@ def _ood_sets(value: Any) -> Tuple[List[str], Optional[Dict[str, List[str]]]]:
     dup = sorted({n for n in flat if flat.count(n) > 1})
     if dup:
         raise ConfigError(f"ood_sets names {dup} more than once; each OOD set belongs to one group")
+    for name in flat:
+        _check_ood_name(name, "ood_sets")
     return flat, groups
+
+
+def _check_ood_name(name: str, key: str) -> None:
+    """:class:`ConfigError` naming ``key`` for an OOD set name that no data could make (files are checked
+    when the benchmark starts, once ``{data_root}`` is known: :func:`check_cell_inputs`)."""
+    try:
+        ood_set_kind(name)
+    except UserInputError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def _seeds(value: Any) -> List[int]:
@@ -147,6 +161,8 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
     val_ood = data.get("val_ood_set")
     if val_ood is not None and (not isinstance(val_ood, str) or not val_ood):
         raise ConfigError(f"val_ood_set must be one OOD set name, got {val_ood!r}")
+    if val_ood is not None:
+        _check_ood_name(val_ood, "val_ood_set")
     if val_ood is not None and val_ood in ood_sets:
         raise ConfigError(f"val_ood_set {val_ood!r} is also a test OOD set; the validation OOD set must be another set")
     search = data.get("search", False)
@@ -157,7 +173,7 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
     loss_configs = data.get("loss_configs")
     loss_configs = base_dir if loss_configs is None else (
         loss_configs if os.path.isabs(loss_configs) else os.path.join(base_dir, loss_configs))
-    return BenchConfig(
+    cfg = BenchConfig(
         output=str(data.get("output") or os.path.join("runs", "bench")), train=train, losses=losses,
         seeds=_seeds(data.get("seeds", [0, 1, 2])), ood_sets=ood_sets, ood_groups=ood_groups,
         val_ood_set=val_ood, search=search, scores=scores, loss_args=_nested(data.get("loss_args"), "loss_args", losses, "loss"),
@@ -166,6 +182,13 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
         n_noise=int(data.get("n_noise", 1000)), eval_batch_size=int(data.get("eval_batch_size", 256)),
         embedding_distance=distance, cell_plots=bool(data.get("cell_plots", True)),
     )
+    for loss in losses:  # every loss's arguments (its loss config + overrides), before any training
+        check_loss_args(loss, loss_args_for(cfg, loss), f"loss_args of {loss!r}")
+    try:
+        check_score_kwargs(scores, cfg.score_args, "score_args")
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
+    return cfg
 
 
 def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> BenchConfig:
@@ -227,6 +250,21 @@ def eval_ood_sets(cfg: BenchConfig, data_root: Optional[str]) -> Any:
 
 def eval_val_ood(cfg: BenchConfig, data_root: Optional[str]) -> Optional[str]:
     return None if cfg.val_ood_set is None else _expand(cfg.val_ood_set, data_root)
+
+
+def check_cell_inputs(cfg: BenchConfig) -> None:
+    """Before any cell runs: every loss's train options (:func:`cell_args`) and every OOD set, test and
+    validation, with ``{data_root}`` expanded (:func:`~lossbench.framework.ood_sets.check_ood_sets`:
+    the data set files are there, ``heldout`` only where the data holds classes out)."""
+    from ...framework.ood_sets import check_ood_sets, holds_classes_out
+
+    for loss in cfg.losses:
+        args = cell_args(cfg, loss, cfg.seeds[0])
+    names = expand_ood_sets(cfg, args.data_root)
+    if cfg.val_ood_set is not None:
+        names.append(eval_val_ood(cfg, args.data_root))
+    check_ood_sets(names, args.data_root, download=args.download, data=args.data,
+                   has_heldout=holds_classes_out(args.data, args.id_classes))
 
 
 def eval_settings(cfg: BenchConfig, data_root: Optional[str]) -> Dict[str, Any]:
