@@ -4,6 +4,7 @@ A library (torch + scikit-learn): it never imports timm or the lossbench trainin
 Convention everywhere: **a higher score means more in-distribution**. Every score has
 ``fit(model, loader)`` (a no-op where nothing is needed) and ``score(model, loader) -> (N,)``
 float64, plus tensor-level twins (``score_logits``; ``fit_features`` / ``score_features``).
+Failure detection (is this prediction right?) is scored by :mod:`ood.failure` (AURC, AUGRC, ...).
 """
 
 from .adapter import AdaptedClassifier, adapt_classifier
@@ -11,6 +12,9 @@ from .evaluate import FeaturePasses, evaluate_ood
 from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
 from .metrics import CONVENTIONS, ood_metrics
+from .failure import (
+    aurc, augrc, aurc_optimal, coverage_at_risk, eaurc, failure_metrics, risk_at_coverage, risk_coverage_curve,
+)
 from .registry import create_score, list_scores, register_score
 from .search import grid_of, grid_points, group_means, search_score
 from .calibration import (
@@ -28,6 +32,8 @@ from .scores import (
 
 __all__ = [
     "adapt_classifier", "AdaptedClassifier", "evaluate_ood", "FeaturePasses", "ood_metrics", "CONVENTIONS", "FeatureCache",
+    "aurc", "augrc", "eaurc", "aurc_optimal", "risk_at_coverage", "coverage_at_risk", "failure_metrics",
+    "risk_coverage_curve",
     "create_score", "list_scores", "register_score", "grid_of", "grid_points", "group_means", "search_score",
     "expected_calibration_error", "adaptive_calibration_error", "classwise_calibration_error",
     "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",
