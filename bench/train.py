@@ -35,7 +35,7 @@ from lossbench.framework.config import parse_args  # noqa: E402
 from lossbench.framework.runtime import seed_everything  # noqa: E402
 from lossbench.framework.trainer import Trainer  # noqa: E402
 
-VARIANTS = ("bare", "ours", "channels_last", "compile", "channels_last+compile")
+VARIANTS = ("bare", "ours", "channels_last", "compile", "channels_last+compile", "ours_fp32")
 
 
 def bare_loop(trainer: Trainer, steps: int, warmup: int, channels_last: bool = False) -> float:
@@ -177,6 +177,16 @@ def bare_fast_loop(trainer: Trainer, steps: int, warmup: int) -> float:
     return n_img / (time.perf_counter() - t0)
 
 
+def _gemm_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n matrix product in ``dtype`` (what the machine gives right now)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -248,14 +258,18 @@ def main() -> None:
                     extra.append("--channels-last")
                 if "compile" in v:
                     extra.append("--compile")
+                if v.endswith("fp32"):
+                    extra.append("--no-amp")
                 runs.append(ours(base, a.steps, a.warmup, extra))
         print(f"  {v}: runs so far {', '.join(f'{r:.1f}' for r in runs)} img/s", flush=True)
     results = {v: statistics.median(runs) for v, runs in all_runs.items()}
+    gemm = {str(dt).replace("torch.", ""): _gemm_rate(dt) for dt in (torch.float32, torch.bfloat16)}
     ref = results.get("bare")
     print(f"\ncase {a.case}, model {a.model}{' (small stem)' if a.small_stem else ''}, data {a.data} "
           f"{a.img_size}x{a.img_size}, batch {a.batch_size}, "
           f"{a.steps} timed steps after {a.warmup} warm-up, median of {len(next(iter(all_runs.values())))} runs per variant, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads; 2048^3 GEMM in this process: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in gemm.items()) + "\n")
     print("| variant | images/s | vs bare loop |")
     print("|---|---:|---:|")
     for v, r in results.items():
