@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -28,7 +29,7 @@ from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_
 from .config import to_dict
 from .ood_sets import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
-from .io import atomic_write_text, remove_stale_temp_files
+from .io import atomic_write_bytes, atomic_write_text, remove_stale_temp_files
 from .augment import BatchAugment
 from .mixup import build_mixup, mix_batch, soft_target_loss
 from .models import Classifier
@@ -54,6 +55,30 @@ def _cycle(loader: DataLoader) -> Iterator:
     while True:
         for batch in loader:
             yield batch
+
+
+def _best_epoch_of(log_rows: List[Dict[str, Any]]) -> int:
+    """The epoch ``fit`` saved as ``best.pt``: the first to reach the highest ``val_acc`` (0: none logged).
+
+    For checkpoints written before ``best_epoch`` was stored; ``fit`` keeps a new best only when it
+    is strictly higher, so ties go to the earlier epoch.
+    """
+    best, best_acc = 0, None
+    for row in log_rows:
+        acc = row.get("val_acc")
+        if acc is not None and (best_acc is None or acc > best_acc):
+            best, best_acc = int(row["epoch"]), acc
+    return best
+
+
+def _checkpoint_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` of the checkpoint at ``path``; ``None`` when it is missing or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return int(load_checkpoint(path)["epoch"])
+    except CheckpointError:
+        return None
 
 
 class LossStep(nn.Module):
@@ -158,7 +183,7 @@ class Trainer:
         self.val_loader = make_loader(self.bundle.val, args.batch_size * 2, workers=args.workers)
         self.mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
                                  self.bundle.num_classes)
-        self.epoch, self.global_step, self.best_val_acc = 0, 0, -1.0
+        self.epoch, self.global_step, self.best_val_acc, self.best_epoch = 0, 0, -1.0, 0
         self.log_rows: List[Dict[str, Any]] = []
 
     @property
@@ -199,7 +224,8 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-            "best_val_acc": self.best_val_acc, "config": to_dict(self.args), "log": list(self.log_rows),
+            "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "config": to_dict(self.args),
+            "log": list(self.log_rows),
             "rng": rng_state(), "classes": self.bundle.classes, "num_classes": self.bundle.num_classes,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "averager": self.averager.state_dict() if self.averager is not None else None,
@@ -221,7 +247,37 @@ class Trainer:
         self.best_val_acc = float(state.get("best_val_acc", -1.0))
         self.log_rows = list(state.get("log", []))
         self._averager_state = state.get("averager")
+        self.best_epoch = int(state["best_epoch"]) if "best_epoch" in state else _best_epoch_of(self.log_rows)
         set_rng_state(state["rng"])
+
+    def sync_run_files(self) -> List[str]:
+        """Bring ``best.pt`` and ``log.csv`` up to what the (resumed) state records; what was done, as lines.
+
+        ``fit`` writes ``last.pt`` first and derives ``best.pt`` and ``log.csv`` from the same state, so
+        a run killed between those writes has them one epoch behind. ``log.csv`` is always rewritten from
+        the state's log; when the state's own epoch is the best one and ``best.pt`` holds another epoch
+        (or is missing or unreadable), ``best.pt`` becomes a copy of ``last.pt``. A ``best.pt`` that
+        differs from an older best epoch cannot be restored from ``last.pt``: that is reported, not repaired.
+        """
+        notes: List[str] = []
+        self._write_log()
+        path = os.path.join(self.run_dir, "best.pt")
+        if self.best_epoch <= 0:
+            return notes
+        held = _checkpoint_epoch(path)
+        if held == self.best_epoch:
+            return notes
+        was = "was missing" if held is None and not os.path.exists(path) else (
+            "was unreadable" if held is None else f"held epoch {held}")
+        if self.best_epoch == self.epoch:  # fit saved this very state to both files
+            last = os.path.join(self.run_dir, "last.pt")
+            with open(last, "rb") as src:
+                atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            notes.append(f"best.pt brought up to epoch {self.best_epoch} (it {was})")
+        else:
+            notes.append(f"warning: best.pt {was}, but the best epoch is {self.best_epoch}; last.pt (epoch "
+                         f"{self.epoch}) cannot restore it")
+        return notes
 
     def _write_log(self) -> None:
         buf = io.StringIO()
@@ -325,6 +381,8 @@ class Trainer:
             self.resume(last)
             if main:
                 print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}", flush=True)
+                for note in self.sync_run_files():
+                    print(note, flush=True)
         else:
             self.init_from_data()
         self._start_averaging()
@@ -350,8 +408,10 @@ class Trainer:
                 self.log_rows.append(row)
                 improved = val["acc"] > self.best_val_acc or args.keep == "last"
                 if improved:
-                    self.best_val_acc = val["acc"]
+                    self.best_val_acc, self.best_epoch = val["acc"], self.epoch
                 state = self.state()
+                # last.pt first: it is the record; best.pt and log.csv follow from it, and a run killed
+                # between these writes gets them back on --resume (sync_run_files).
                 save_checkpoint(last, state)
                 if improved:
                     save_checkpoint(os.path.join(self.run_dir, "best.pt"), state)
