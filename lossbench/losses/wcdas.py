@@ -75,8 +75,9 @@ class WCDASHead(Head):
     (s0 = 1 + log 2 ~ 1.69) when ``s_trainable=True``, else the fixed ``s`` (the official code
     hard-codes 250, used in its iNaturalist config). Computed in float32 even under autocast,
     with rho kept below 1 and the feature / weight norms floored at ``norm_eps`` (default 1e-3,
-    which bounds the gradient of a near-zero feature row; see :func:`wrapped_cauchy_logits`). The paper's two-stage recipe
-    (re-train the head on a frozen backbone with class-balanced sampling) is the trainer's job.
+    which bounds the gradient of a near-zero feature row; see :func:`wrapped_cauchy_logits`). The
+    paper's two-stage recipe (re-train the head on a frozen backbone with class-balanced sampling)
+    is the trainer's job.
 
     Optimiser recipe (:meth:`optim_settings`): s' is one scalar that must travel from 0 to tens
     or hundreds (the official code trains everything with SGD at lr 0.2-0.4, or fixes s = 250).
