@@ -53,16 +53,42 @@ def check_int(value: int, name: str, minimum: int = 1) -> int:
 
 
 
+def row_scale(x: Tensor) -> Tensor:
+    """``max_j |x_ij|`` per row ``(N, 1)``, detached, with 1 for all-zero rows.
+
+    Dividing a row by it before squaring keeps ``sum x^2`` finite (float32 overflows once an entry
+    passes ~1.8e19, its square 3.4e38) and away from underflow; being detached, it changes neither
+    the value nor the gradient of a scale-free expression such as ``x / ||x||``.
+    """
+    m = x.detach().abs().amax(dim=1, keepdim=True)
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
 def safe_normalize(x: Tensor, eps: float) -> Tensor:
     """Rows of ``x`` scaled to unit L2 norm; rows with norm ``<= eps`` become 0 with zero gradient.
 
     ``F.normalize`` divides by ``max(||x||, eps)``, so at an exactly zero row its gradient is
     ``1/eps`` (1e8 .. 1e12): one dead feature vector would blow up a step. Here such a row is
-    treated as having no direction (cosine 0 to everything) and passes no gradient back.
+    treated as having no direction (cosine 0 to everything) and passes no gradient back. The norm
+    is taken of the row divided by :func:`row_scale` (no overflow for huge entries).
     """
-    norm = x.norm(dim=1, keepdim=True)
-    keep = norm > eps
-    return torch.where(keep, x / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    m = row_scale(x)
+    y = x / m
+    norm = y.norm(dim=1, keepdim=True)
+    keep = norm * m > eps
+    return torch.where(keep, y / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(x))
+
+
+def clamped_normalize(x: Tensor, eps: float) -> Tensor:
+    """``x / max(||x||_2, eps)`` per row (``F.normalize``'s form), without overflow for huge entries.
+
+    The clamp bounds the gradient: ``|d x_hat / d x| <= 1 / max(||x||, eps)``, so a near-zero row
+    gets at most ``1/eps`` times the incoming gradient instead of ``1/||x||``. Computed as
+    ``y / max(||y||, eps / m)`` with ``y = x / m``, ``m`` = :func:`row_scale` (the same value).
+    """
+    m = row_scale(x)
+    y = x / m
+    return y / torch.maximum(y.norm(dim=1, keepdim=True), eps / m)
 
 
 def linear(features: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

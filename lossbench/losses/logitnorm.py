@@ -9,7 +9,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_logits_target, check_positive, compute_dtype
 from .base import LogitLoss
-from ._common import check_reduction
+from ._common import check_reduction, row_scale
 
 __all__ = ["LogitNormLoss", "logit_norm"]
 
@@ -19,11 +19,16 @@ def logit_norm(logits: Tensor, tau: float = 0.04, eps: float = 1e-7) -> Tensor:
 
     The ``eps`` is added to the norm, as in the official code (hongxin001/logitnorm_ood,
     ``common/loss_function.py``: ``norms = torch.norm(x, p=2, dim=-1, keepdim=True) + 1e-7``).
+    Evaluated as ``y / (tau * (||y|| + eps / m))`` with ``y = z / m``, ``m = max_c |z_c|`` (detached):
+    the same value and gradient, but the squares cannot overflow (float32 ``||z||`` is ``inf`` once an
+    entry passes ~1.8e19, and ``z / inf`` would make every such row a constant loss).
     Shapes: ``(N, C)`` -> ``(N, C)``.
     """
     z = logits.to(compute_dtype(logits))
     with torch.autocast(z.device.type, enabled=False):
-        return z / (tau * (torch.linalg.vector_norm(z, dim=1, keepdim=True) + eps))
+        m = row_scale(z)
+        y = z / m
+        return y / (tau * (torch.linalg.vector_norm(y, dim=1, keepdim=True) + eps / m))
 
 
 @register_loss("logitnorm", kind="logits")

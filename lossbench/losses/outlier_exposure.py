@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..validation import check_finite, check_float, check_positive
+from ..validation import check_finite, check_float, check_positive, compute_dtype
 
 __all__ = ["OutlierExposureLoss", "uniform_cross_entropy"]
 
@@ -17,7 +17,7 @@ def uniform_cross_entropy(logits: Tensor) -> Tensor:
     ``= -(1/C) sum_c log softmax_c(z)``, ``(N, C)`` -> ``(N,)``; its minimum, log C, is reached
     at equal logits. Computed in float32 (float64 stays float64).
     """
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    z = logits.to(compute_dtype(logits))
     return torch.logsumexp(z, dim=1) - z.mean(dim=1)
 
 
@@ -31,6 +31,9 @@ class OutlierExposureLoss(nn.Module):
     ``CIFAR/oe_scratch.py`` and ``oe_tune.py``): weight (lambda) = 0.5 is their default and ours.
     An auxiliary term like :class:`~lossbench.losses.energy_margin.EnergyMarginLoss` (same call:
     ``(logits_in, logits_out)``; ``logits_in`` is only checked), not a registered loss.
+    The value follows the library's dtype rule (:func:`lossbench.validation.compute_dtype`):
+    float32 for bf16/fp16/float32 logits, float64 if either is float64 -- never cast back to fp16,
+    where a loss of 6e4 or more would be ``inf``.
     """
 
     def __init__(self, weight: float = 0.5) -> None:
@@ -51,7 +54,8 @@ class OutlierExposureLoss(nn.Module):
             raise ValueError(
                 f"logits_in and logits_out must have the same number of classes, got "
                 f"{logits_in.shape[1]} and {logits_out.shape[1]}")
-        return (self.weight * uniform_cross_entropy(logits_out).mean()).to(logits_in.dtype)
+        work = torch.promote_types(compute_dtype(logits_in), compute_dtype(logits_out))  # as EnergyMarginLoss
+        return self.weight * uniform_cross_entropy(logits_out.to(work)).mean()
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"

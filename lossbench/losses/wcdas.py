@@ -13,16 +13,17 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_features, check_number, check_positive, check_target, compute_dtype
 from .base import Head
-from ._common import safe_normalize
+from ._common import clamped_normalize
 
-#: Rows of norm <= this are treated as direction-less: cos theta = 0 and zero gradient.
-_NORM_EPS = 1e-12
+#: Default floor of the feature / weight norms: rows are divided by ``max(||x||, norm_eps)``.
+NORM_EPS = 1e-3
 
 __all__ = ["WCDASHead", "wrapped_cauchy_logits"]
 
 
 def wrapped_cauchy_logits(
-    features: Tensor, weight: Tensor, g: Tensor, scale: Tensor, rho_eps: float = 1e-6
+    features: Tensor, weight: Tensor, g: Tensor, scale: Tensor, rho_eps: float = 1e-6,
+    norm_eps: float = NORM_EPS,
 ) -> Tensor:
     """Wrapped-Cauchy kernel logits ``s (1 - rho_c^2) / (2 pi (1 + rho_c^2 - 2 rho_c cos theta_c))``.
 
@@ -33,16 +34,24 @@ def wrapped_cauchy_logits(
     cancellation-free form s (1-rho)(1+rho) / (2 pi ((1-rho)^2 + 2 rho (1 - cos theta))),
     where 1 - rho = sigmoid(-g) is clamped to >= ``rho_eps`` (rho < 1 always; in low precision
     rho rounds to 1 and the official form gives 0/0) and 1 - cos theta is clamped to >= 0.
-    The official code writes 3.14 for pi (a 0.05 % rescale of s); we use pi. A feature (or
-    weight) row of norm <= 1e-12 -- e.g. an all-zero ReLU output -- has cos theta = 0 to every
-    class and passes zero gradient (``safe_normalize``), where F.normalize would give ~1e12.
+    The official code writes 3.14 for pi (a 0.05 % rescale of s); we use pi.
+
+    Norms: feature and weight rows are divided by ``max(||x||, norm_eps)`` (``F.normalize``'s
+    clamp, as the official code's ``F.normalize``, but with ``norm_eps = 1e-3`` instead of its
+    1e-12), computed without overflow (:func:`~lossbench.losses._common.clamped_normalize`: rows
+    with entries past ~1.8e19 no longer give ``x / inf = 0``). The clamp bounds the gradient to a
+    feature row by ``1 / norm_eps`` times the gradient to its unit vector: with 1e-12 a row of norm
+    1e-9 got a gradient ~1e7 times that of a unit row. A row shorter than ``norm_eps`` (e.g. an
+    all-zero ReLU output: cos theta = 0 to every class) is no longer scale-free (its cosines shrink
+    with its norm); penultimate features are normally orders of magnitude longer -- lower
+    ``norm_eps`` for a model whose features are not.
 
     Shapes: features ``(N, D)``, weight ``(C, D)``, g ``(C,)``, scale scalar -> ``(N, C)``.
     """
     dtype = compute_dtype(features)
     with torch.autocast(features.device.type, enabled=False):
-        x = safe_normalize(features.to(dtype), _NORM_EPS)
-        w = safe_normalize(weight.to(dtype), _NORM_EPS)
+        x = clamped_normalize(features.to(dtype), norm_eps)
+        w = clamped_normalize(weight.to(dtype), norm_eps)
         one_minus_cos = (1.0 - x @ w.t()).clamp_min(0.0)
         g = g.to(dtype)
         one_minus_rho = torch.sigmoid(-g).clamp_min(rho_eps)
@@ -65,8 +74,10 @@ class WCDASHead(Head):
     ImageNet-LT, +1 for iNaturalist); scale s = softplus(s') + 1 with s' trainable from 0
     (s0 = 1 + log 2 ~ 1.69) when ``s_trainable=True``, else the fixed ``s`` (the official code
     hard-codes 250, used in its iNaturalist config). Computed in float32 even under autocast,
-    with rho kept below 1 (see :func:`wrapped_cauchy_logits`). The paper's two-stage recipe
-    (re-train the head on a frozen backbone with class-balanced sampling) is the trainer's job.
+    with rho kept below 1 and the feature / weight norms floored at ``norm_eps`` (default 1e-3,
+    which bounds the gradient of a near-zero feature row; see :func:`wrapped_cauchy_logits`). The
+    paper's two-stage recipe (re-train the head on a frozen backbone with class-balanced sampling)
+    is the trainer's job.
 
     Optimiser recipe (:meth:`optim_settings`): s' is one scalar that must travel from 0 to tens
     or hundreds (the official code trains everything with SGD at lr 0.2-0.4, or fixes s = 250).
@@ -90,6 +101,7 @@ class WCDASHead(Head):
         s: float = 250.0,
         rho_eps: float = 1e-6,
         scale_lr: Optional[float] = 1.0,
+        norm_eps: float = NORM_EPS,
     ) -> None:
         super().__init__(in_features, num_classes)
         if scale_lr is not None:
@@ -100,8 +112,9 @@ class WCDASHead(Head):
         check_positive(float(rho_eps), "rho_eps")
         if not float(rho_eps) < 1.0:
             raise ValueError(f"rho_eps must be < 1, got {rho_eps}")
+        check_positive(float(norm_eps), "norm_eps")
         self.s_trainable = bool(s_trainable)
-        self.rho_eps = float(rho_eps)
+        self.rho_eps, self.norm_eps = float(rho_eps), float(norm_eps)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear (official: nn.Linear subclass)
         self.g = nn.Parameter(torch.full((self.num_classes,), float(g_init)))
@@ -129,7 +142,7 @@ class WCDASHead(Head):
 
     def logits(self, features: Tensor) -> Tensor:
         self.check_features(features)
-        return wrapped_cauchy_logits(features, self.weight, self.g, self.scale, self.rho_eps)
+        return wrapped_cauchy_logits(features, self.weight, self.g, self.scale, self.rho_eps, self.norm_eps)
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         check_features(features, self.in_features, "features")
@@ -138,4 +151,4 @@ class WCDASHead(Head):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
-                f"s_trainable={self.s_trainable}, rho_eps={self.rho_eps}")
+                f"s_trainable={self.s_trainable}, rho_eps={self.rho_eps}, norm_eps={self.norm_eps}")

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..registry import register_loss
 from ..validation import check_float, check_logits_target, check_number, check_positive, compute_dtype
 from .base import LogitLoss
-from ._common import check_reduction, reduce_loss
+from ._common import check_reduction, reduce_loss, row_scale
 
 __all__ = ["ZLoss", "z_loss", "z_normalize"]
 
@@ -24,15 +24,22 @@ def z_normalize(logits: Tensor, eps: float = 1e-12) -> Tensor:
     function of (o_c, sum o, sum o^2) -- the spherical family. The authors' released example
     (pascal20100/factored_output_layer, ``example/timing_example.py``) also uses this sigma.
     Rows with sigma <= ``eps`` (constant logits) give z = 0 with zero gradient, not 0/0.
-    Computed in float32 (float64 stays float64). Shape ``(N, C)`` -> ``(N, C)``.
+    Computed in float32 (float64 stays float64) on each row divided by its largest ``|o_k|``
+    (detached; z-scores are scale-invariant, so value and gradient are unchanged), so the squares
+    cannot overflow: in float32 ``sigma^2`` is ``inf`` once a logit passes ~1.8e19, which made the
+    loss a constant. Shape ``(N, C)`` -> ``(N, C)``.
     """
     check_float(logits, "logits", ndim=2)
     o = logits.to(compute_dtype(logits))
+    m = row_scale(o)
+    o = o / m
     centred = o - o.mean(dim=1, keepdim=True)
     var = (centred * centred).mean(dim=1, keepdim=True)
-    sigma = var.clamp_min(eps * eps).sqrt()
-    # Degenerate rows (sigma <= eps): z := 0 with zero gradient instead of a ~1/eps blow-up.
-    return torch.where(sigma > eps, centred / sigma, torch.zeros_like(centred))
+    # Degenerate rows (sigma <= eps in the logits' units): z := 0 with zero gradient instead of a
+    # ~1/eps blow-up (the variance is replaced by 1 there so that no inf/NaN reaches the backward).
+    keep = var.detach().sqrt() * m > eps
+    sigma = torch.where(keep, var, torch.ones_like(var)).sqrt()
+    return torch.where(keep, centred / sigma, torch.zeros_like(centred))
 
 
 def _check_z_classes(c: int, name: str) -> None:

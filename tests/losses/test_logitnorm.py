@@ -46,3 +46,21 @@ def test_registered_defaults_and_errors():
         LogitNormLoss(tau=0.0)
     with pytest.raises(ValueError, match="target"):
         LogitNormLoss()(torch.zeros(2, 3), torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("scale", [1.8e19, 1e30, 1e38])
+def test_float32_logits_past_the_square_overflow_match_float64(scale):
+    """||z||^2 overflows float32 once |z| > ~1.8e19: z / inf = 0 made the loss log C for every row."""
+    g = torch.Generator().manual_seed(2)
+    z64 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    z64 = z64 / z64.abs().amax() * scale
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    z32 = z64.float().requires_grad_()
+    ref = z32.detach().double().requires_grad_()  # the same float32 values, computed in float64
+    loss32, loss64 = LogitNormLoss()(z32, y), LogitNormLoss()(ref, y)
+    torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-6)
+    loss32.backward()
+    loss64.backward()
+    # d loss / d z scales as 1 / scale: compare the gradients in units of the logits' scale
+    torch.testing.assert_close(z32.grad.double() * scale, ref.grad * scale, rtol=1e-4, atol=1e-5)
+    assert loss32.item() != pytest.approx(math.log(5))  # not the constant of a zeroed row

@@ -35,3 +35,14 @@ def test_gradcheck_and_errors():
         OutlierExposureLoss()(torch.zeros(2, 3), torch.zeros(0, 3))
     with pytest.raises(ValueError, match="weight"):
         OutlierExposureLoss(weight=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_give_a_float32_value(dtype):
+    """The value was cast back to the input's dtype: fp16 overflows past 65504 (here 9e4 -> inf)."""
+    z = torch.tensor([[6e4, -6e4, -6e4, -6e4], [1.0, 2.0, 3.0, 4.0]]).to(dtype)
+    out = OutlierExposureLoss(weight=1.0)(z, z)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    ref = OutlierExposureLoss(weight=1.0)(z.double(), z.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    assert OutlierExposureLoss()(z.double(), z.double()).dtype == torch.float64

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -96,3 +97,37 @@ def test_create_by_name():
     torch.testing.assert_close(head.g.detach(), torch.full((4,), -1.0))
     with pytest.raises(ValueError, match="rho_eps"):
         WCDASHead(5, 4, rho_eps=0.0)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e38])
+def test_float32_features_past_the_square_overflow_match_float64(scale):
+    """||x||^2 overflows float32 once |x| > ~1.8e19: x / inf = 0 gave cos theta = 0 to every class."""
+    x, y = _data(n=8, d=5)
+    head = WCDASHead(5, 4, g_init=1.0)
+    x32 = (x / x.abs().amax() * scale).float()
+    ref = head.logits(x32 / scale)  # cosines are scale-free: the logits of the same directions
+    torch.testing.assert_close(head.logits(x32), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(x32, y).double(), copy.deepcopy(head).double()(x32.double(), y),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_near_zero_feature_rows_get_a_bounded_gradient():
+    """The norm is clamped at norm_eps (F.normalize's form): below it the gradient stops growing as 1/||x||.
+
+    With the 1e-12 floor a row of norm 1e-9 got a gradient ~1e7 times that of a unit row."""
+    head = WCDASHead(5, 4, g_init=1.0).double()
+    x, y = _data(n=4, d=5, seed=1)
+    unit = x / x.norm(dim=1, keepdim=True)
+    grads = {}
+    for norm in (1.0, 1e-7, 1e-9):
+        xx = unit.clone()
+        xx[0] *= norm
+        xx.requires_grad_()
+        head(xx, y).backward()
+        grads[norm] = xx.grad[0].norm().item()
+    assert head.norm_eps == 1e-3
+    assert grads[1e-9] == pytest.approx(grads[1e-7], rel=1e-3)  # linear regime x / norm_eps: no 1/||x||
+    assert grads[1e-9] <= grads[1.0] / head.norm_eps * 10
+    assert grads[1e-9] < 1e4
+    with pytest.raises(ValueError, match="norm_eps"):
+        WCDASHead(5, 4, norm_eps=0.0)

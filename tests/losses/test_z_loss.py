@@ -65,3 +65,16 @@ def test_registry_and_bad_args():
         ZLoss(a=0.0)
     with pytest.raises(ValueError, match="at least 3 classes"):
         z_loss(torch.zeros(2, 1), torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("scale", [1.8e19, 1e30, 1e38])
+def test_float32_logits_past_the_square_overflow_match_float64(scale):
+    """sigma^2 overflows float32 once |o| > ~1.8e19: the loss was a constant (softplus(0) or the eps branch)."""
+    logits, target = _data(seed=3)
+    z32 = (logits / logits.abs().amax() * scale).float().requires_grad_()
+    ref = z32.detach().double().requires_grad_()
+    loss32, loss64 = z_loss(z32, target, a=2.0, b=0.5), z_loss(ref, target, a=2.0, b=0.5)
+    torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-6)
+    loss32.backward()
+    loss64.backward()
+    torch.testing.assert_close(z32.grad.double() * scale, ref.grad * scale, rtol=1e-4, atol=1e-5)
