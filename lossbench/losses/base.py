@@ -6,17 +6,14 @@
 
 Both have ``on_step(step)``: the trainer calls it once per optimisation step (``step`` counts
 from 0) so that schedules a paper anneals (temperatures, noise) also run in a user's own loop.
-<<<<<<< HEAD
+A head also says how its own parameters should be optimised (:meth:`Head.optim_settings`,
+:meth:`Head.param_groups`): a scale or a temperature may need a larger learning rate or no weight
+decay than the network's recipe gives it.
 
 Conventions every loss and head follows (``tests/test_harness.py`` checks them for each
 registered one): targets may be any integer dtype; bf16/fp16 inputs compute in float32, float64
 stays float64; an empty batch is a ``ValueError`` (never NaN, never a silent 0); NaN/inf inputs,
 wrong shapes, labels out of range and ``meta`` tensors are errors that name the argument.
-=======
-A head also says how its own parameters should be optimised (:meth:`Head.optim_settings`,
-:meth:`Head.param_groups`): a scale or a temperature may need a larger learning rate or no weight
-decay than the network's recipe gives it.
->>>>>>> calib
 """
 
 from __future__ import annotations
