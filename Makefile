@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lossbench-installed
-# The CUDA kernels of the extension are compiled wherever nvcc is found (no GPU needed to build).
+# nvcc's toolkit, if any: `make test` (CI) compiles the extension's CUDA kernels with it (no GPU needed).
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null)))
 export CUDA_HOME
 
-.PHONY: install ext demo test test-fast bench clean
+.PHONY: install ext ext-cpu ext-cuda demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -16,20 +16,30 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Build (or find in the cache) the C++/CUDA extension of cut cross-entropy.
+# Build (or find in the cache) the C++/CUDA extension of cut cross-entropy: the CPU kernels, plus the
+# CUDA kernels where a GPU is present or LOSSBENCH_BUILD_CUDA=1 (minutes of nvcc).
 ext: install
 	$(PY) -m lossbench.cce.build
+
+# The CPU kernels only.
+ext-cpu: install
+	$(PY) -m lossbench.cce.build --cpu-only
+
+# The CUDA kernels too whenever nvcc is found, with or without a GPU: CI's check that they compile.
+ext-cuda: install
+	$(PY) -m lossbench.cce.build $(if $(CUDA_HOME),--cuda,--cpu-only)
 
 demo: install
 	$(PY) train.py -c configs/demo.yaml --resume
 	$(PY) eval.py --run runs/demo
 
-test: install ext
-	LOSSBENCH_REQUIRE_EXT=1 $(PY) -m pytest -q
+# The tests load the build ext-cuda made (the one with the CUDA kernels where nvcc is found).
+test: install ext-cuda
+	LOSSBENCH_REQUIRE_EXT=1 LOSSBENCH_BUILD_CUDA=$(if $(CUDA_HOME),1,0) $(PY) -m pytest -q
 
-# The unit tests alone (no end-to-end / subprocess / torchrun test).
-test-fast: install ext
-	LOSSBENCH_REQUIRE_EXT=1 $(PY) -m pytest -q -m "not slow"
+# The unit tests alone (no end-to-end / subprocess / torchrun test), on the CPU-only build.
+test-fast: install ext-cpu
+	LOSSBENCH_REQUIRE_EXT=1 LOSSBENCH_BUILD_CUDA=0 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs build *.egg-info

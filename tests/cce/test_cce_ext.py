@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     fresh_state(monkeypatch)
     monkeypatch.delenv("LOSSBENCH_REQUIRE_EXT", raising=False)
 
-    def broken(with_cuda, verbose=False):
+    def broken(with_cuda, verbose=False, why=""):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(ext, "build", broken)
@@ -47,7 +49,7 @@ def test_required_extension_raises(monkeypatch):
     fresh_state(monkeypatch)
     monkeypatch.setenv("LOSSBENCH_REQUIRE_EXT", "1")
 
-    def broken(with_cuda, verbose=False):
+    def broken(with_cuda, verbose=False, why=""):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(ext, "build", broken)
@@ -66,3 +68,148 @@ def test_cuda_tensors_need_cuda_kernels(monkeypatch):
     monkeypatch.setattr(ext, "load", lambda verbose=False: CpuOnly())
     with pytest.warns(RuntimeWarning, match="without CUDA"):
         assert api.resolve_impl("auto", torch.device("cuda")) == "torch"
+
+
+# ---- which kernels are built, and the line that says so -----------------------------------------
+class FakeModule:
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def has_cuda(self):
+        return self.cuda
+
+
+@pytest.mark.parametrize("env, gpu, expected", [
+    (None, False, False), (None, True, True), ("1", False, True), ("0", True, False), ("", True, True),
+])
+def test_cuda_kernels_only_where_a_gpu_is_or_asked_for(monkeypatch, env, gpu, expected):
+    """The builder is mocked: which build ``load`` asks for, never a real nvcc run."""
+    fresh_state(monkeypatch)
+    monkeypatch.delenv("LOSSBENCH_REQUIRE_EXT", raising=False)
+    if env is None:
+        monkeypatch.delenv(ext.BUILD_CUDA_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ext.BUILD_CUDA_ENV, env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(ext, "cuda_home", lambda: "/opt/fake-cuda")  # a toolkit is there
+    calls = []
+
+    def fake_build(with_cuda, verbose=False, why=""):
+        calls.append((with_cuda, why))
+        return FakeModule(with_cuda)
+
+    monkeypatch.setattr(ext, "build", fake_build)
+    assert ext.load().has_cuda() is expected
+    assert [c[0] for c in calls] == [expected] and calls[0][1]  # one build, with its reason
+
+
+def test_asked_for_cuda_without_a_toolkit(monkeypatch):
+    fresh_state(monkeypatch)
+    monkeypatch.setenv(ext.BUILD_CUDA_ENV, "1")
+    monkeypatch.setattr(ext, "cuda_home", lambda: None)
+    monkeypatch.setattr(ext, "build", lambda with_cuda, verbose=False, why="": FakeModule(with_cuda))
+    monkeypatch.setenv("LOSSBENCH_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="LOSSBENCH_BUILD_CUDA=1 asks for the CUDA kernels but no CUDA toolkit"):
+        ext.load()
+    fresh_state(monkeypatch)
+    monkeypatch.delenv("LOSSBENCH_REQUIRE_EXT")
+    with pytest.warns(RuntimeWarning, match="no CUDA toolkit"):
+        assert ext.load().has_cuda() is False  # the CPU build, with a warning
+    monkeypatch.setenv(ext.BUILD_CUDA_ENV, "maybe")
+    with pytest.raises(ValueError, match="LOSSBENCH_BUILD_CUDA must be 1 or 0"):
+        ext.want_cuda()
+
+
+@pytest.mark.parametrize("with_cuda", [False, True])
+def test_a_compile_is_announced_once_on_stderr(monkeypatch, tmp_path, capsys, with_cuda):
+    """``cpp_extension.load`` is mocked: the flags it gets, and the line before a compile (not after)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("LOSSBENCH_EXT_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    loads = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose, **kw):
+        loads.append(dict(name=name, sources=sources, cflags=extra_cflags, arch=os.environ.get("TORCH_CUDA_ARCH_LIST"), **kw))
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return FakeModule(with_cuda)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    ext.build(with_cuda=with_cuda, why="a GPU is present" if with_cuda else "no GPU here")
+    name = "lossbench_cce_cuda" if with_cuda else "lossbench_cce_cpu"
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("lossbench:")]  # not torch's own
+    assert len(lines) == 1 and lines[0].startswith("lossbench: building the cut cross-entropy C++ extension (")
+    err = lines[0]
+    assert err.endswith(f"first use only, cached in {tmp_path / name})")
+    if with_cuda:
+        assert "CPU and CUDA kernels, CUDA for TORCH_CUDA_ARCH_LIST=8.0;9.0 because a GPU is present" in err
+        assert any(s.endswith("cce_cuda.cu") for s in loads[0]["sources"])
+        assert "-DLOSSBENCH_WITH_CUDA" in loads[0]["cflags"] and "-DLOSSBENCH_WITH_CUDA" in loads[0]["extra_cuda_cflags"]
+        assert loads[0]["arch"] == ext.DEFAULT_CUDA_ARCH_LIST
+    else:
+        assert "(CPU kernels; no CUDA kernels: no GPU here;" in err
+        assert not any(s.endswith(".cu") for s in loads[0]["sources"]) and "extra_cuda_cflags" not in loads[0]
+        assert "-DLOSSBENCH_WITH_CUDA" not in loads[0]["cflags"]
+    ext.build(with_cuda=with_cuda)  # cached: torch re-uses it, nothing to say
+    assert "lossbench:" not in capsys.readouterr().err and len(loads) == 2
+
+
+@pytest.mark.parametrize("argv, toolkit, gpu, expected", [
+    (["--cuda"], True, False, (True, 0)),
+    ([], True, False, (False, 0)),
+    ([], True, True, (True, 0)),
+    (["--cpu-only"], True, True, (False, 0)),
+    (["--cuda"], False, False, (None, 1)),
+])
+def test_build_command_passes_the_cuda_choice(monkeypatch, capsys, argv, toolkit, gpu, expected):
+    from lossbench.cce import build as build_cli
+
+    monkeypatch.delenv(ext.BUILD_CUDA_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(ext, "cuda_home", lambda: "/opt/fake-cuda" if toolkit else None)
+    calls = []
+
+    class Built(FakeModule):
+        __name__, __file__ = "lossbench_cce_x", "/tmp/lossbench_cce_x.so"
+
+    def fake_build(with_cuda, verbose=False, why=""):
+        calls.append(with_cuda)
+        return Built(with_cuda)
+
+    monkeypatch.setattr(ext, "build", fake_build)
+    assert build_cli.main(argv) == expected[1]
+    assert calls == ([] if expected[0] is None else [expected[0]])
+
+
+def test_make_test_compiles_the_cuda_kernels_and_test_fast_does_not():
+    """CI (``.ci/run``: ``make test``) keeps checking that the CUDA kernels compile; ``make test-fast`` does not."""
+    text = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+
+    def rule(target):
+        head, _, rest = text.partition(f"\n{target}:")
+        deps, *recipe = rest.split("\n")
+        return deps.split(), [l.strip() for l in recipe[: next(i for i, l in enumerate(recipe) if not l.startswith("\t"))]]
+
+    deps, recipe = rule("test")
+    assert "ext-cuda" in deps and any("LOSSBENCH_BUILD_CUDA=$(if $(CUDA_HOME),1,0)" in l for l in recipe)
+    assert any("lossbench.cce.build $(if $(CUDA_HOME),--cuda,--cpu-only)" in l for l in rule("ext-cuda")[1])
+    deps, recipe = rule("test-fast")
+    assert "ext-cpu" in deps and "ext-cuda" not in deps and any("LOSSBENCH_BUILD_CUDA=0" in l for l in recipe)
+    assert any("lossbench.cce.build --cpu-only" in l for l in rule("ext-cpu")[1])
+
+
+@pytest.mark.slow
+def test_real_cpu_build_says_so_once(tmp_path):
+    """A real CPU-only build in a fresh cache folder: the line on stderr, then silence once cached."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOSSBENCH_EXT_DIR=str(tmp_path), LOSSBENCH_BUILD_CUDA="0")
+    run = lambda: subprocess.run([sys.executable, "-m", "lossbench.cce.build"], env=env, capture_output=True,
+                                 text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "lossbench: building the cut cross-entropy C++ extension (CPU kernels" in first.stderr
+    assert str(tmp_path / "lossbench_cce_cpu") in first.stderr and "CUDA kernels: no" in first.stdout
+    second = run()
+    assert second.returncode == 0 and "building the cut cross-entropy" not in second.stderr
