@@ -232,7 +232,8 @@ def main() -> None:
     if a.case == "fast":  # the recipe's own options; --data / --batch-size / --model still apply
         base = ["-c", "configs/cifar10_fast.yaml"] + base
         if a.model == "resnet18":
-            base[base.index("--model") + 1] = "lossbench_airbench94"
+            a.model = "lossbench_airbench94"
+            base[base.index("--model") + 1] = a.model
     if a.case == "cifar-aug":
         base += ["--augment", "cifar", "--opt", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--nesterov"]
     elif not a.data.startswith("imagefolder:"):
