@@ -47,28 +47,26 @@ def _amp_value(text: Any) -> Any:
     raise argparse.ArgumentTypeError(f"--amp must be one of {AMP_CHOICES}, got {text!r}")
 
 
-def _json_scales(text: str) -> Dict[str, float]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--lr-scale must be a JSON object, got {text!r}: {err}")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--lr-scale must be a JSON object, got {text!r}")
-    return value
-
-
 class ConfigError(UserInputError):
     """A configuration file or value is invalid."""
 
 
-def _json_dict(text: str) -> Dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--loss-args must be a JSON object, got {text!r}: {err}")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--loss-args must be a JSON object, got {text!r}")
-    return value
+def json_object(flag: str):
+    """An argparse type: the option's value as a JSON object, or an error naming ``flag``."""
+    def parse(text: str) -> Dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}: {err}")
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
+        return value
+
+    return parse
+
+
+_json_dict = json_object("--loss-args")
+_json_scales = json_object("--lr-scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
