@@ -31,11 +31,12 @@ class DecodedImages(Dataset):
     """An image folder decoded to ``images`` (uint8, N x C x H x W) with ``targets`` and ``classes``.
 
     ``ds[i]`` -> (uint8 image tensor (C, H, W), class index). ``cache_hit`` says whether it was read
-    from a disk cache.
+    from a disk cache. ``key`` (:func:`cache_key` of the files it was decoded from) is what
+    :meth:`cache_key` gives other caches (e.g. ``ood``'s feature cache) in place of hashing every pixel.
     """
 
     def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: List[str], root: str = "",
-                 cache_hit: bool = False):
+                 cache_hit: bool = False, key: Optional[str] = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(targets) != images.shape[0]:
@@ -45,6 +46,11 @@ class DecodedImages(Dataset):
         self.classes = list(classes)
         self.root = root
         self.cache_hit = cache_hit
+        self.key = key
+
+    def cache_key(self) -> Optional[str]:
+        """A string that changes whenever the decoded files or the image form change; ``None`` if unknown."""
+        return None if self.key is None else f"decoded-image-folder:{os.path.abspath(self.root)}:{self.key}"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,8 +93,8 @@ def decode_image_folder(folder, size: int, channels: int, pil_steps: Callable,
     root = str(folder.root)
     samples = list(folder.samples)
     path = None
+    key = cache_key(samples, root, size, channels)  # taken before decoding: a file changed meanwhile misses next time
     if cache_dir is not None:
-        key = cache_key(samples, root, size, channels)
         name = os.path.basename(os.path.normpath(root)) or "images"
         parent = os.path.basename(os.path.dirname(os.path.normpath(root)))
         path = os.path.join(cache_dir, f"{parent}-{name}-{size}px-{channels}ch-{key[:20]}.pt")
@@ -96,7 +102,7 @@ def decode_image_folder(folder, size: int, channels: int, pil_steps: Callable,
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 if state.get("key") == key:
-                    return DecodedImages(state["images"], state["targets"], list(folder.classes), root, True)
+                    return DecodedImages(state["images"], state["targets"], list(folder.classes), root, True, key)
             except Exception:  # unreadable cache: decode again and overwrite it
                 pass
     images = _decode_all([p for p, _ in samples], folder.loader, pil_steps, channels, size)
@@ -105,4 +111,4 @@ def decode_image_folder(folder, size: int, channels: int, pil_steps: Callable,
         os.makedirs(cache_dir, exist_ok=True)
         state = {"key": key, "images": images, "targets": torch.tensor(targets)}
         atomic_write_bytes(path, lambda f: torch.save(state, f))
-    return DecodedImages(images, targets, list(folder.classes), root, False)
+    return DecodedImages(images, targets, list(folder.classes), root, False, key)
