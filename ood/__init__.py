@@ -18,7 +18,8 @@ from .failure import (
 from .registry import create_score, list_scores, register_score
 from .search import grid_of, grid_points, group_means, search_score
 from .calibration import (
-    TemperatureScaling, adaptive_calibration_error, brier_score, calibration_metrics, classwise_calibration_error,
+    HistogramBinning, IsotonicCalibration, MatrixScaling, TemperatureScaling, VectorScaling,
+    adaptive_calibration_error, brier_score, calibration_metrics, classwise_calibration_error,
     expected_calibration_error, fit_temperature, maximum_calibration_error, negative_log_likelihood,
     reliability_bins,
 )
@@ -37,7 +38,8 @@ __all__ = [
     "create_score", "list_scores", "register_score", "grid_of", "grid_points", "group_means", "search_score",
     "expected_calibration_error", "adaptive_calibration_error", "classwise_calibration_error",
     "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",
-    "reliability_bins", "TemperatureScaling", "fit_temperature",
+    "reliability_bins", "TemperatureScaling", "fit_temperature", "VectorScaling", "MatrixScaling",
+    "HistogramBinning", "IsotonicCalibration",
     "FeatureExtractor", "penultimate_features",
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
     "fit_class_gaussian", "mahalanobis_distances",
