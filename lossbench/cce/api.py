@@ -70,8 +70,6 @@ from .checks import (REDUCTIONS, _check_chunk_size, _check_finite, _check_linear
 from .dispatch import (IMPLS, MAX_BLOCK_ROWS, MIN_BLOCK_ROWS, ROW_BLOCK_ELEMENTS,  # noqa: F401
                        _DEFAULT_BLOCK_ELEMENTS, _run, block_rows, resolve_impl)
 from .reductions import _blocks, linear_logsumexp, linear_max_softmax, linear_topk  # noqa: F401
-from .threads import (_available_cpus, _load_aware_threads, _other_runnable,  # noqa: F401
-                      threads_for_load)
 from .vocab_parallel import _shard_offset, _VocabParallelCrossEntropy
 
 __all__ = [
