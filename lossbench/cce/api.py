@@ -167,7 +167,9 @@ def linear_cross_entropy(
         process_group: a ``torch.distributed`` group over which ``weight`` is sharded by rows
             (label smoothing without soft-capping; double backward is refused with an error).
         stats: a dict that receives ``tiles_skipped`` / ``tiles_total`` of the gradient pass.
-        impl: 'auto' (the compiled extension when available, else 'torch'), 'ext' or 'torch'.
+        impl: 'auto': for CPU tensors the compiled extension when it is built, else 'torch';
+            for CUDA tensors 'torch' (the extension's CUDA kernels have not yet been verified
+            on a GPU; they run only when asked for with 'ext'). 'ext' or 'torch' force one.
 
     Returns:
         the loss (scalar, or (...) with ``reduction='none'``) in ``features.dtype``; with
