@@ -70,8 +70,6 @@ from .checks import (REDUCTIONS, _check_chunk_size, _check_finite, _check_linear
 from .dispatch import (IMPLS, MAX_BLOCK_ROWS, MIN_BLOCK_ROWS, ROW_BLOCK_ELEMENTS,  # noqa: F401
                        _DEFAULT_BLOCK_ELEMENTS, _run, block_rows, resolve_impl)
 from .reductions import _blocks, linear_logsumexp, linear_max_softmax, linear_topk  # noqa: F401
-from .threads import (_available_cpus, _load_aware_threads, _other_runnable,  # noqa: F401
-                      threads_for_load)
 from .vocab_parallel import _shard_offset, _VocabParallelCrossEntropy
 
 __all__ = [
@@ -169,7 +167,9 @@ def linear_cross_entropy(
         process_group: a ``torch.distributed`` group over which ``weight`` is sharded by rows
             (label smoothing without soft-capping; double backward is refused with an error).
         stats: a dict that receives ``tiles_skipped`` / ``tiles_total`` of the gradient pass.
-        impl: 'auto' (the compiled extension when available, else 'torch'), 'ext' or 'torch'.
+        impl: 'auto': for CPU tensors the compiled extension when it is built, else 'torch';
+            for CUDA tensors 'torch' (the extension's CUDA kernels have not yet been verified
+            on a GPU; they run only when asked for with 'ext'). 'ext' or 'torch' force one.
 
     Returns:
         the loss (scalar, or (...) with ``reduction='none'``) in ``features.dtype``; with

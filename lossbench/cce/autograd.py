@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ..validation import compute_dtype
 from .dispatch import _run
-from .threads import _load_aware_threads
 
 
 def _mean_logit_order(E: Tensor, C: Tensor, b: Optional[Tensor], piece: int) -> Tensor:
@@ -115,11 +114,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             g = valid.to(cdt)
             run_need = (False, False, False)
-        with _load_aware_threads(features.device):
-            loss_rows, lse, dE, dC, db, skipped, _ = _run(
-                cfg["impl"], features, weight, b, tgt, cw, g.contiguous(), None, None, order,
-                cfg["label_smoothing"], cfg["softcap"], cfg["filter_eps"], cfg["chunk_size"],
-                cfg["block_rows"], *run_need, cfg["accum_c_fp32"])
+        loss_rows, lse, dE, dC, db, skipped, _ = _run(
+            cfg["impl"], features, weight, b, tgt, cw, g.contiguous(), None, None, order,
+            cfg["label_smoothing"], cfg["softcap"], cfg["filter_eps"], cfg["chunk_size"],
+            cfg["block_rows"], *run_need, cfg["accum_c_fp32"])
         if eager:
             _record(cfg["stats"], skipped, -(-features.shape[0] // cfg["block_rows"]),
                     -(-V // cfg["chunk_size"]))
@@ -168,11 +166,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dlse = grad_lse.to(cdt).contiguous() if grad_lse is not None else None
         b = bias.to(cdt).contiguous() if bias is not None else None
         cw = class_weight.to(cdt).contiguous() if class_weight is not None else None
-        with _load_aware_threads(features.device):
-            _, _, dE, dC, db, skipped, _ = _run(
-                cfg["impl"], features, weight, b, tgt, cw, g.contiguous(), dlse, None, ctx.order,
-                cfg["label_smoothing"], cfg["softcap"], cfg["filter_eps"], cfg["chunk_size"],
-                cfg["block_rows"], *need, cfg["accum_c_fp32"])
+        _, _, dE, dC, db, skipped, _ = _run(
+            cfg["impl"], features, weight, b, tgt, cw, g.contiguous(), dlse, None, ctx.order,
+            cfg["label_smoothing"], cfg["softcap"], cfg["filter_eps"], cfg["chunk_size"],
+            cfg["block_rows"], *need, cfg["accum_c_fp32"])
         _record(cfg["stats"], skipped, -(-features.shape[0] // cfg["block_rows"]),
                 -(-weight.shape[0] // cfg["chunk_size"]))
         return (dE.to(features.dtype) if dE is not None else None,

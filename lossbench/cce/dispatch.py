@@ -3,6 +3,10 @@
 :func:`block_rows` sizes the R x V logits block from a per-device memory budget;
 :func:`resolve_impl` picks the compiled extension (``ext``) or plain PyTorch (``torch``, see
 :mod:`lossbench.cce.reference`) and :func:`_run` calls the chosen one.
+
+``impl='auto'`` uses the extension only where its kernels have passed the tests on that device
+type (:func:`auto_uses_ext`): on the CPU. The CUDA kernels compile but have not yet run on a GPU,
+so on CUDA tensors ``'auto'`` means ``'torch'`` and the kernels run only with ``impl='ext'``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from . import ext
 from .reference import RunResult, torch_run
 
 IMPLS = ("auto", "torch", "ext")
+# Set to True once tests/cce (test_cce_loss, test_cce_filter) have passed on a GPU with the CUDA
+# kernels built; until then impl='auto' keeps CUDA tensors on the pure-PyTorch pass.
+CUDA_KERNELS_VERIFIED = False
 # Budget for the R x V logits block, in elements, per device type (float32: CPU 48 MiB, CUDA
 # 256 MiB), and the fewest rows a block gets whatever V (below ~256 rows the CPU GEMMs lose
 # 20-40 % of their rate), so above V = budget / MIN_BLOCK_ROWS (49,152 on CPU) the default block
@@ -35,15 +42,32 @@ def block_rows(n: int, v: int, device: torch.device) -> int:
     return max(1, min(rows, max(1, n)))
 
 
+def auto_uses_ext(device_type: str) -> bool:
+    """Whether ``impl='auto'`` may choose the extension for tensors on ``device_type``.
+
+    CPU: yes. CUDA: only once the CUDA kernels are verified on a GPU (``CUDA_KERNELS_VERIFIED``).
+    Any other device: no (the extension has no kernels there).
+    """
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda":
+        return CUDA_KERNELS_VERIFIED
+    return False
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` resolves to on ``device``: 'torch' or 'ext'."""
+    """The implementation ``impl`` resolves to on ``device``: 'torch' or 'ext'.
+
+    ``'auto'`` builds/loads the extension only where :func:`auto_uses_ext` allows it; ``'ext'``
+    asks for it on any device and falls back to ``'torch'`` with a warning (an error under
+    ``LOSSBENCH_REQUIRE_EXT=1``) where it is missing or has no kernels for the device.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
+    if impl == "torch" or (impl == "auto" and not auto_uses_ext(device.type)):
         return "torch"
     if device.type not in ("cpu", "cuda"):
-        if impl == "ext":
-            ext.warn_fallback(f"it has no kernels for device {device}")
+        ext.warn_fallback(f"it has no kernels for device {device}")
         return "torch"
     module = ext.load()
     if module is None:

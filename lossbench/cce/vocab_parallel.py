@@ -14,7 +14,6 @@ from torch import Tensor
 from ..validation import compute_dtype
 from .autograd import _record, _reduce_rows, _row_scales
 from .dispatch import _run
-from .threads import _load_aware_threads
 
 
 def _shard_offset(V_local: int, group: Any, device: torch.device) -> Tuple[int, int]:
@@ -63,10 +62,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = valid & (target >= off) & (target < off + Vl)
         tl = torch.where(local, target - off, torch.full_like(target, -1)).contiguous()
         zeros = torch.zeros(target.shape, dtype=cdt, device=features.device)
-        with _load_aware_threads(features.device):
-            _, lse_l, *_ = _run(cfg["impl"], features, weight, b, tl, cw, zeros, None, None,
-                                None, 0.0, cfg["softcap"], -1.0, cfg["chunk_size"],
-                                cfg["block_rows"], False, False, False, False)
+        _, lse_l, *_ = _run(cfg["impl"], features, weight, b, tl, cw, zeros, None, None,
+                            None, 0.0, cfg["softcap"], -1.0, cfg["chunk_size"],
+                            cfg["block_rows"], False, False, False, False)
         # target logit and weight by a gather-dot on the owning rank, summed over the ranks
         idx = tl.clamp_min(0)
         zy = (features.to(cdt) * weight[idx].to(cdt)).sum(1)
@@ -130,11 +128,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         need = (need_de, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         # every rank must join the all-reduce of dE, so all compute it when any rank may need it
         need = (True, need[1], need[2])
-        with _load_aware_threads(features.device):
-            _, _, dE, dC, db, skipped, _ = _run(
-                cfg["impl"], features, weight, b, tl, cw, g_row.contiguous(), dl,
-                lse.contiguous(), None, 0.0, cfg["softcap"], cfg["filter_eps"],
-                cfg["chunk_size"], cfg["block_rows"], *need, cfg["accum_c_fp32"])
+        _, _, dE, dC, db, skipped, _ = _run(
+            cfg["impl"], features, weight, b, tl, cw, g_row.contiguous(), dl,
+            lse.contiguous(), None, 0.0, cfg["softcap"], cfg["filter_eps"],
+            cfg["chunk_size"], cfg["block_rows"], *need, cfg["accum_c_fp32"])
         _record(cfg["stats"], skipped, -(-features.shape[0] // cfg["block_rows"]),
                 -(-weight.shape[0] // cfg["chunk_size"]))
         dEf = dE.to(cdt)

@@ -5,11 +5,15 @@ Reference: F.cross_entropy on materialised logits, float64 unless the test is ab
 
 from __future__ import annotations
 
+import builtins
+import io
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lossbench.cce import api, ext, linear_cross_entropy, threads
+from lossbench.cce import api, ext, linear_cross_entropy
 from lossbench.cce import autograd as cce_autograd
 from lossbench.validation import skip_value_checks
 
@@ -270,37 +274,60 @@ def test_low_precision_dc_accumulation(impl, accum):
     assert float(err) <= (2 ** -8 if accum else 2 ** -6)
 
 
-# ---- 6. threads on a loaded machine ----------------------------------------------------------
+# ---- 6. threads: the user's setting, whatever the machine's load ------------------------------
 
-def test_threads_for_load_policy():
-    assert api.threads_for_load(2, 2, 0) == 2  # quiet: unchanged
-    assert api.threads_for_load(2, 2, 1) == 1
-    assert api.threads_for_load(8, 8, 3) == 5
-    assert api.threads_for_load(2, 2, 9) == 1  # never below one
-    assert api.threads_for_load(2, 2, None) == 2  # unknown load: unchanged
+def _fake_loadavg(monkeypatch, text: str) -> None:
+    """Make ``/proc/loadavg`` (and ``os.getloadavg``) report ``text``: e.g. 64 runnable tasks."""
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):
+        if str(file) == "/proc/loadavg":
+            return io.StringIO(text)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    fields = [float(x) for x in text.split()[:3]]
+    monkeypatch.setattr(os, "getloadavg", lambda: tuple(fields))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_busy_machine_runs_single_threaded_and_restores(impl, monkeypatch):
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # eager gradients / backward recompute
+@pytest.mark.parametrize("loadavg", ["64.00 64.00 64.00 65/900 4321\n",
+                                     "0.00 0.00 0.00 1/900 4321\n"])
+@pytest.mark.parametrize("user_threads", [2, 3])
+def test_kernel_threads_follow_torch_setting_whatever_the_load(impl, reduction, loadavg,
+                                                               user_threads, monkeypatch):
+    """Regression: the passes used to shrink their thread count to the CPUs that /proc/loadavg
+    showed free (one transient runnable task dropped a 2-core run to one thread); the count
+    must be the user's ``torch.get_num_threads()``, nothing else."""
     E, C, b, t = make()
-    old = torch.get_num_threads()
-    if old < 2:
-        pytest.skip("needs two threads")
-    seen = []
-    real = api._run
-    monkeypatch.setattr(threads, "_other_runnable", lambda: 64)
+    _fake_loadavg(monkeypatch, loadavg)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen = []
+    real = cce_autograd._run
     monkeypatch.setattr(cce_autograd, "_run",
                         lambda *a: seen.append(torch.get_num_threads()) or real(*a))
-    out = linear_cross_entropy(E, C, t, b, impl=impl, reduction="none")
-    out.sum().backward()
-    assert seen == [1, 1] and torch.get_num_threads() == old
-    monkeypatch.setattr(threads, "_other_runnable", lambda: 0)
-    seen.clear()
-    linear_cross_entropy(E, C, t, b, impl=impl)
-    assert seen == [old]
+    old = torch.get_num_threads()
+    torch.set_num_threads(user_threads)
+    try:
+        linear_cross_entropy(E, C, t, b, impl=impl, reduction=reduction).sum().backward()
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert seen and seen == [user_threads] * len(seen)
+    assert after == user_threads
 
 
-def test_other_runnable_reads_the_machine():
-    n = api._other_runnable()
-    assert n is None or n >= 0
+def test_extension_shares_torchs_openmp_runtime():
+    """The kernels' OpenMP teams take their size from torch's ``set_num_threads`` only if the
+    extension binds to the OpenMP runtime torch loaded (one runtime in the process)."""
+    if ext.load() is None:
+        pytest.skip("extension not built")
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "/" in line}
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    runtimes = {p for p in paths
+                if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))}
+    assert len(runtimes) <= 1, runtimes

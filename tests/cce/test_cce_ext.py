@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossbench.cce import api, ext
+from lossbench.cce import api, dispatch, ext
+from lossbench.cce import autograd as cce_autograd
 
 
 def fresh_state(monkeypatch):
@@ -57,17 +58,24 @@ def test_required_extension_raises(monkeypatch):
         api.resolve_impl("auto", torch.device("cpu"))
 
 
-def test_cuda_tensors_need_cuda_kernels(monkeypatch):
-    class CpuOnly:
-        @staticmethod
-        def has_cuda():
-            return False
+class _WithCudaKernels:
+    @staticmethod
+    def has_cuda() -> bool:
+        return True
 
+
+class _CpuOnly:
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
+
+
+def test_cuda_tensors_need_cuda_kernels(monkeypatch):
     fresh_state(monkeypatch)
     monkeypatch.delenv("LOSSBENCH_REQUIRE_EXT", raising=False)
-    monkeypatch.setattr(ext, "load", lambda verbose=False: CpuOnly())
+    monkeypatch.setattr(ext, "load", lambda verbose=False: _CpuOnly())
     with pytest.warns(RuntimeWarning, match="without CUDA"):
-        assert api.resolve_impl("auto", torch.device("cuda")) == "torch"
+        assert api.resolve_impl("ext", torch.device("cuda")) == "torch"
 
 
 # ---- which kernels are built, and the line that says so -----------------------------------------
@@ -213,3 +221,47 @@ def test_real_cpu_build_says_so_once(tmp_path):
     assert str(tmp_path / "lossbench_cce_cpu") in first.stderr and "CUDA kernels: no" in first.stdout
     second = run()
     assert second.returncode == 0 and "building the cut cross-entropy" not in second.stderr
+
+
+
+@pytest.mark.parametrize("device_type, expected", [("cpu", True), ("cuda", False),
+                                                   ("mps", False), ("meta", False)])
+def test_auto_uses_the_extension_only_where_verified(device_type, expected):
+    assert dispatch.CUDA_KERNELS_VERIFIED is False  # flip only after the GPU tests have passed
+    assert dispatch.auto_uses_ext(device_type) is expected
+
+
+def test_auto_on_cuda_uses_torch_even_with_cuda_kernels(monkeypatch):
+    """Regression: 'auto' picked the never-run CUDA kernels whenever they were compiled in;
+    now CUDA tensors stay on the pure-PyTorch pass unless impl='ext' asks for the kernels."""
+    fresh_state(monkeypatch)
+    monkeypatch.setenv("LOSSBENCH_REQUIRE_EXT", "1")  # a silent fallback would raise
+    loads = []
+    monkeypatch.setattr(ext, "load", lambda verbose=False: loads.append(1) or _WithCudaKernels())
+    cuda = torch.device("cuda")
+    assert api.resolve_impl("auto", cuda) == "torch"
+    assert api.resolve_impl("auto", torch.device("cuda", 1)) == "torch"
+    assert not loads  # 'auto' on CUDA does not even build or load the extension
+    assert api.resolve_impl("ext", cuda) == "ext"
+    assert api.resolve_impl("auto", torch.device("cpu")) == "ext"
+    # once the kernels are verified on a GPU, flipping the flag is all 'auto' needs
+    monkeypatch.setattr(dispatch, "CUDA_KERNELS_VERIFIED", True)
+    assert api.resolve_impl("auto", cuda) == "ext"
+
+
+def test_auto_on_cuda_reaches_the_torch_pass(monkeypatch):
+    """The choice made for a (simulated) CUDA tensor is what the autograd function runs."""
+    monkeypatch.setattr(ext, "load", lambda verbose=False: _WithCudaKernels())
+    real = api.resolve_impl
+    monkeypatch.setattr(api, "resolve_impl",
+                        lambda impl, device: real(impl, torch.device("cuda")))
+    ran = []
+    real_run = cce_autograd._run
+    monkeypatch.setattr(cce_autograd, "_run", lambda impl, *a: ran.append(impl) or real_run(impl, *a))
+    E = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    C = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, 2, 3, 1])
+    loss = api.linear_cross_entropy(E, C, t)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(E.detach() @ C.detach().t(), t)
+    assert ran == ["torch"] and torch.allclose(loss.detach(), ref)
