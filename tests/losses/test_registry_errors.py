@@ -84,8 +84,21 @@ def test_unknown_name():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_hyper_parameter(name):
-    with pytest.raises(TypeError, match=r"unknown hyper-parameter 'not_a_param' for loss"):
+    from lossbench.errors import UserInputError
+
+    with pytest.raises(TypeError, match=r"unknown hyper-parameter 'not_a_param' for loss") as caught:
         lossbench.create_loss(name, num_classes=NUM_CLASSES, in_features=IN_FEATURES, not_a_param=1)
+    assert isinstance(caught.value, UserInputError)  # scripts print it as one error: line
+
+
+def test_unknown_score_hyper_parameter_for_every_score():
+    import ood
+    from lossbench.errors import UserInputError
+
+    for name in ood.list_scores():
+        with pytest.raises(TypeError, match=rf"unknown hyper-parameter 'not_a_param' for OOD score '{name}'") as caught:
+            ood.create_score(name, not_a_param=1)
+        assert isinstance(caught.value, UserInputError)
 
 
 @pytest.mark.parametrize("name", NAMES)
