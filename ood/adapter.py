@@ -31,6 +31,10 @@ def has_feature_interface(model: nn.Module) -> bool:
         hasattr(model, "forward_features") and hasattr(model, "forward_head"))
 
 
+class AdaptError(TypeError, ValueError):
+    """A model whose penultimate features / final linear layer cannot be found (pass features= and head=)."""
+
+
 class AdaptedClassifier(nn.Module):
     """``model`` seen as ``head(features(x))``: ``features(x)`` -> ``(N, D)``, ``forward(x)`` -> logits,
     ``head`` / ``get_classifier()`` -> the final layer (an ``nn.Linear`` when found by tracing).
@@ -101,7 +105,7 @@ def _traced(model: nn.Module) -> AdaptedClassifier:
     try:
         _, eval_nodes = get_graph_node_names(model)
     except Exception as err:  # tracing fails on data-dependent control flow
-        raise ValueError(f"{type(model).__name__} could not be traced to find its penultimate layer "
+        raise AdaptError(f"{type(model).__name__} could not be traced to find its penultimate layer "
                          f"({type(err).__name__}: {err}); pass features= and head= callables") from None
     finally:
         model.train(was_training)
@@ -115,7 +119,7 @@ def _traced(model: nn.Module) -> AdaptedClassifier:
         what = f"{producer.op} {producer.target}"
         if producer.op == "call_module":
             what += f" ({type(modules.get(str(producer.target))).__name__})"
-        raise ValueError(f"{type(model).__name__}'s output is produced by {what}, not by an nn.Linear layer; "
+        raise AdaptError(f"{type(model).__name__}'s output is produced by {what}, not by an nn.Linear layer; "
                          "pass features= (x -> penultimate features) and head= (features -> logits)")
     linear_name = str(producer.target)
     h_node = producer.args[0]
