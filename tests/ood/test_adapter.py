@@ -29,8 +29,10 @@ def _small(name: str) -> nn.Module:
 
         return tvm.ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5)
     if name == "vit":
-        return tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                     mlp_dim=64, num_classes=5)
+        vit = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                    mlp_dim=64, num_classes=5)
+        nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision starts the head at zero: no boundary yet
+        return vit
     if name == "swin":
         return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                    window_size=[2, 2], num_classes=5)
