@@ -39,6 +39,7 @@ def zip_damage(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
                 if "CRC" in str(err):
                     return f"CRC mismatch in member {info.filename!r}"
                 return f"damaged member {info.filename!r} ({err})"
+            # NotImplementedError: zipfile's answer to a compression method it cannot decode
             except (EOFError, ValueError, NotImplementedError, OSError, zlib.error) as err:
                 return f"unreadable member {info.filename!r} ({type(err).__name__}: {err})"
     return None

@@ -74,3 +74,14 @@ def to_probs(scores: Tensor, target: Optional[Tensor], from_probs: bool = False,
         raise ValueError(f"{name} rows must sum to 1 (within {PROB_SUM_ATOL:g}); row {i} sums to "
                          f"{float(x[i].sum()):.6g}. Pass logits with from_probs=False, or normalise first")
     return x, target.detach().cpu().long()
+
+
+def check_fitted_logits(logits: Tensor, k: int, who: str) -> None:
+    """Logits handed to a fitted calibrator: a floating-point ``(N, k)`` tensor of finite values, or an
+    error naming ``logits`` and the ``k`` classes ``who`` was fitted on."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError("logits must be a floating-point tensor")
+    if logits.dim() != 2 or logits.shape[1] != k:
+        raise ValueError(f"logits must have shape (N, {k}) (the {who} was fitted on {k} classes), "
+                         f"got {tuple(logits.shape)}")
+    check_finite(logits, "logits")

@@ -17,31 +17,28 @@ can change, and ties appear (a step function).
 
 from __future__ import annotations
 
+import abc
+
 from typing import List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lossbench.validation import check_finite
-
-from ._inputs import check_n_bins, to_probs
+from ._inputs import check_fitted_logits, check_n_bins, to_probs
 
 __all__ = ["HistogramBinning", "IsotonicCalibration"]
 
 
 def _probs_of(logits: Tensor, k: int, who: str) -> np.ndarray:
     """Float64 softmax of ``logits`` ``(N, k)`` after checking the type, the width and finiteness."""
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError("logits must be a floating-point tensor")
-    if logits.dim() != 2 or logits.shape[1] != k:
-        raise ValueError(f"logits must have shape (N, {k}) (the {who} was fitted on {k} classes), "
-                         f"got {tuple(logits.shape)}")
-    check_finite(logits, "logits")
+    check_fitted_logits(logits, k, who)
     return torch.softmax(logits.detach().to(torch.float64).cpu(), dim=1).numpy()
 
 
-class _OneVsRest:
+class _OneVsRest(abc.ABC):
+    """One monotone map per class (subclasses: how a class's map is fitted and applied)."""
+
     name = ""
 
     def __init__(self, eps: float = 1e-6) -> None:
@@ -52,11 +49,13 @@ class _OneVsRest:
         self.nll_before: Optional[float] = None
         self.nll_after: Optional[float] = None
 
+    @abc.abstractmethod
     def _fit_class(self, p: np.ndarray, hit: np.ndarray, c: int) -> None:
-        raise NotImplementedError
+        """Fit class ``c``'s map from its probabilities ``p`` and 0/1 targets ``hit``."""
 
+    @abc.abstractmethod
     def _map_class(self, p: np.ndarray, c: int) -> np.ndarray:
-        raise NotImplementedError
+        """Class ``c``'s calibrated probabilities for ``p``."""
 
     def fit(self, logits: Tensor, target: Tensor):
         """Fit one map per class on ``logits`` ``(N, C)`` and labels ``target`` ``(N,)``; returns ``self``."""

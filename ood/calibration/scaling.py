@@ -17,8 +17,8 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from lossbench.validation import check_finite, check_number
-from ._inputs import to_probs
+from lossbench.validation import check_number
+from ._inputs import check_fitted_logits, to_probs
 
 __all__ = ["VectorScaling", "MatrixScaling", "odir_grid"]
 
@@ -26,15 +26,6 @@ __all__ = ["VectorScaling", "MatrixScaling", "odir_grid"]
 def _checked(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
     to_probs(logits, target, False)  # shape / finiteness / label checks, errors naming the argument
     return logits.detach().to(torch.float64).cpu(), target.detach().cpu().long()
-
-
-def _check_logits(logits: Tensor, k: int, who: str) -> None:
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError("logits must be a floating-point tensor")
-    if logits.dim() != 2 or logits.shape[1] != k:
-        raise ValueError(f"logits must have shape (N, {k}) (the {who} was fitted on {k} classes), "
-                         f"got {tuple(logits.shape)}")
-    check_finite(logits, "logits")
 
 
 #: L-BFGS-B stopping rule: relative decrease of the objective below FTOL, or every gradient entry below GTOL.
@@ -109,7 +100,7 @@ class VectorScaling:
         """``v * logits + b`` (float64 when the input is, else the input's dtype); apply softmax for probabilities."""
         if self.scale is None:
             raise RuntimeError("VectorScaling.transform called before fit(logits, target)")
-        _check_logits(logits, self.scale.numel(), "vector scaling")
+        check_fitted_logits(logits, self.scale.numel(), "vector scaling")
         v, b = self.scale.to(logits), self.bias.to(logits)
         return logits * v + b
 
@@ -254,7 +245,7 @@ class MatrixScaling:
         """``logits @ W.T + b`` (in the input's dtype); apply softmax for probabilities."""
         if self.weight is None:
             raise RuntimeError("MatrixScaling.transform called before fit(logits, target)")
-        _check_logits(logits, self.bias.numel(), "matrix scaling")
+        check_fitted_logits(logits, self.bias.numel(), "matrix scaling")
         return logits @ self.weight.to(logits).T + self.bias.to(logits)
 
     def fit_transform(self, logits: Tensor, target: Tensor) -> Tensor:
