@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import shutil
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -313,7 +314,7 @@ class Trainer:
             if main:
                 print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}", flush=True)
                 for note in self.sync_run_files():
-                    print(note, flush=True)
+                    print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout, flush=True)
         barrier(self.dist)
         if main:
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(to_dict(args), sort_keys=True))

@@ -86,7 +86,7 @@ def test_resume_keeps_an_older_best_and_rewrites_the_log(tmp_path, monkeypatch, 
     assert "best.pt" not in capsys.readouterr().out
     (run / "best.pt").unlink()  # lost by hand: last.pt cannot give epoch 1's weights back, so say so
     Trainer(_args(tmp_path, 2, resume=True)).fit()
-    assert "warning: best.pt was missing, but the best epoch is 1" in capsys.readouterr().out
+    assert "warning: best.pt was missing, but the best epoch is 1" in capsys.readouterr().err
 
 
 def test_best_epoch_of_a_checkpoint_that_predates_it():
