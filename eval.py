@@ -74,6 +74,13 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     ckpt = args.checkpoint or os.path.join(args.run, "best.pt")
+    if args.run:
+        from lossbench.framework.checkpoint import stale_best
+
+        stale = stale_best(args.run)
+        if stale:
+            raise UserInputError(f"--run {args.run!r}: {stale}; resume the run (train.py with its options and "
+                                 f"--resume) to bring best.pt up to date, or pass --checkpoint to evaluate it as it is")
     out = args.out or os.path.dirname(os.path.abspath(ckpt))
     ood_sets = args.ood
     if args.ood_group:

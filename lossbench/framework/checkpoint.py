@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
@@ -58,6 +58,46 @@ def load_checkpoint(path: str, map_location: Any = "cpu", required: Iterable[str
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format_version {state['format_version']}, expected {FORMAT_VERSION}")
     return state
+
+
+def best_epoch_of(state: Mapping[str, Any]) -> int:
+    """The epoch a run's ``best.pt`` should hold, by the state in its ``last.pt`` (0: none yet).
+
+    ``best_epoch`` where the state stores it; for states written before it was stored, the first
+    logged epoch with the highest ``val_acc`` (the trainer keeps a new best only when strictly higher).
+    """
+    if "best_epoch" in state:
+        return int(state["best_epoch"])
+    best, best_acc = 0, None
+    for row in state.get("log", []):
+        acc = row.get("val_acc")
+        if acc is not None and (best_acc is None or acc > best_acc):
+            best, best_acc = int(row["epoch"]), acc
+    return best
+
+
+def stale_best(run_dir: str) -> Optional[str]:
+    """Why ``<run_dir>/best.pt`` is not the best epoch ``last.pt`` records, or ``None`` when it is (or cannot tell).
+
+    A run killed between writing ``last.pt`` and ``best.pt`` has ``best.pt`` one best epoch behind
+    until it is resumed. Only the pickled metadata is read (``mmap``): this is a cheap look, not a
+    check of the files (``load_checkpoint`` does that).
+    """
+    def epochs(path: str) -> Optional[Mapping[str, Any]]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # missing, damaged or foreign: the loader reports it
+            return None
+        return state if isinstance(state, dict) and "epoch" in state else None
+
+    last, best = epochs(os.path.join(run_dir, "last.pt")), epochs(os.path.join(run_dir, "best.pt"))
+    if last is None or best is None:
+        return None
+    want = best_epoch_of(last)
+    if want <= 0 or int(best["epoch"]) == want:
+        return None
+    return (f"{os.path.join(run_dir, 'best.pt')!r} holds epoch {int(best['epoch'])}, but last.pt records epoch {want} "
+            f"as the best (the run was stopped while saving)")
 
 
 def comparable_config(config: Mapping[str, Any]) -> Dict[str, Any]:

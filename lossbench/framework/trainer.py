@@ -14,6 +14,7 @@ import io
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .averaging import WeightAverager
 from .builders import (build_model, build_optimizer, build_scheduler, classification_metrics, load_bundle,
                        make_loader, predict, total_steps)
-from .checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, best_epoch_of, check_resumable, load_checkpoint, save_checkpoint
 from .config import to_dict
 from .ood_sets import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
@@ -55,20 +56,6 @@ def _cycle(loader: DataLoader) -> Iterator:
     while True:
         for batch in loader:
             yield batch
-
-
-def _best_epoch_of(log_rows: List[Dict[str, Any]]) -> int:
-    """The epoch ``fit`` saved as ``best.pt``: the first to reach the highest ``val_acc`` (0: none logged).
-
-    For checkpoints written before ``best_epoch`` was stored; ``fit`` keeps a new best only when it
-    is strictly higher, so ties go to the earlier epoch.
-    """
-    best, best_acc = 0, None
-    for row in log_rows:
-        acc = row.get("val_acc")
-        if acc is not None and (best_acc is None or acc > best_acc):
-            best, best_acc = int(row["epoch"]), acc
-    return best
 
 
 def _checkpoint_epoch(path: str) -> Optional[int]:
@@ -247,7 +234,7 @@ class Trainer:
         self.best_val_acc = float(state.get("best_val_acc", -1.0))
         self.log_rows = list(state.get("log", []))
         self._averager_state = state.get("averager")
-        self.best_epoch = int(state["best_epoch"]) if "best_epoch" in state else _best_epoch_of(self.log_rows)
+        self.best_epoch = best_epoch_of(state)
         set_rng_state(state["rng"])
 
     def sync_run_files(self) -> List[str]:
@@ -382,7 +369,7 @@ class Trainer:
             if main:
                 print(f"resumed {last} at epoch {self.epoch}, step {self.global_step}", flush=True)
                 for note in self.sync_run_files():
-                    print(note, flush=True)
+                    print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout, flush=True)
         else:
             self.init_from_data()
         self._start_averaging()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lossbench.framework.trainer as engine
-from lossbench.framework.checkpoint import load_checkpoint, save_checkpoint
+from lossbench.framework.checkpoint import best_epoch_of, load_checkpoint, save_checkpoint, stale_best
 from lossbench.framework.config import parse_args
 from lossbench.framework.trainer import Trainer
 
@@ -86,13 +86,13 @@ def test_resume_keeps_an_older_best_and_rewrites_the_log(tmp_path, monkeypatch, 
     assert "best.pt" not in capsys.readouterr().out
     (run / "best.pt").unlink()  # lost by hand: last.pt cannot give epoch 1's weights back, so say so
     Trainer(_args(tmp_path, 2, resume=True)).fit()
-    assert "warning: best.pt was missing, but the best epoch is 1" in capsys.readouterr().out
+    assert "warning: best.pt was missing, but the best epoch is 1" in capsys.readouterr().err
 
 
 def test_best_epoch_of_a_checkpoint_that_predates_it():
     rows = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}, {"epoch": 3, "val_acc": 0.7}]
-    assert engine._best_epoch_of(rows) == 2  # fit keeps a new best only when strictly higher
-    assert engine._best_epoch_of([]) == 0
+    assert best_epoch_of({"log": rows}) == 2  # fit keeps a new best only when strictly higher
+    assert best_epoch_of({"log": rows, "best_epoch": 3}) == 3 and best_epoch_of({"log": []}) == 0
 
 
 def _bare_trainer(run: Path, epoch: int, best_epoch: int) -> Trainer:
@@ -122,3 +122,23 @@ def test_sync_replaces_a_damaged_best(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
     assert _bare_trainer(tmp_path, 1, 1).sync_run_files() == ["best.pt brought up to epoch 1 (it was unreadable)"]
     assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == 1
+
+
+def test_eval_run_refuses_a_stale_best(tmp_path, capsys):
+    """Regression: ``eval.py --run`` evaluated the epoch-1 best.pt of a run whose last.pt says epoch 2 is best."""
+    import importlib.util
+
+    from lossbench.framework.cli import run_main
+
+    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).resolve().parents[2] / "eval.py")
+    eval_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_script)
+
+    save_checkpoint(str(tmp_path / "best.pt"), _ckpt(1, 1, 1.0))
+    save_checkpoint(str(tmp_path / "last.pt"), _ckpt(2, 2, 2.0))
+    assert "holds epoch 1, but last.pt records epoch 2 as the best" in stale_best(str(tmp_path))
+    assert run_main("eval.py", eval_script.main, ["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt' holds epoch 1" in err and "--resume" in err
+    save_checkpoint(str(tmp_path / "last.pt"), _ckpt(3, 1, 3.0))  # a later, worse epoch: best.pt is right
+    assert stale_best(str(tmp_path)) is None
