@@ -1,6 +1,7 @@
 """Cut cross-entropy: speed and memory of forward+backward against the alternatives.
 
-    python bench/cce.py --suite          # the README's tables: dense, peaked, bf16, filter bound
+    python bench/cce.py --suite          # the README's tables: dense, peaked, bf16, LLM-shaped, filter bound
+    python bench/cce.py --suite --smoke  # the same cases on tiny shapes: checks every path runs
     python bench/cce.py                  # dense, N=8192, D=512, V in {32768, 131072}, CPU
     python bench/cce.py --kind peaked --vocab 32768
     python bench/cce.py --dtype bfloat16 --cases "lossbench ext" --vocab 8192 32768
@@ -22,6 +23,17 @@ drawn from f (Zipf); with a unit direction u and R ~ N(0, 1/D) orthogonal to u,
 C_j = 3 log(f_j / f_max) u + 3 R_j and E_i = (1 + 0.1 xi_i) u + 1.5 R_{y_i} + 0.1 n_i
 (xi, n standard normal), so the logits carry a Zipf prior 3 log f_j plus a target-aligned term
 and the softmax puts most of its mass on a few classes (the bound check prints how much).
+
+Alternatives: ``F.cross_entropy`` on materialised logits, torch's ``F.linear_cross_entropy``
+(three chunkings) and, when it is installed (``pip install cut-cross-entropy==25.1.1 --no-deps``),
+apple's ``cut_cross_entropy.linear_cross_entropy(..., impl="torch_compile")`` -- its Triton
+kernels need a GPU; without the package its column is left out with a note.
+
+The LLM-shaped case (Gemma-2-like head: D = 2,304, V = 256,000, peaked inputs, float32) runs
+every implementation at N = 2,048: the materialised-logits baselines hold the 2 GiB N x V logits
+about three times over (logits, log-softmax, their gradient) beside the 2.2 GiB classifier and its
+gradient, about 11 GiB in all, which fits a 24 GiB machine; N = 4,096 would need about 17 GiB.
+Each of its steps is ~7 TFLOP of GEMMs (about a minute at 150 GFLOP/s), so allow 30-45 minutes.
 """
 
 from __future__ import annotations
@@ -35,15 +47,59 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OURS = ["lossbench ext", "lossbench ext unsorted", "lossbench torch"]
+APPLE = "apple cut-cross-entropy torch_compile"
+APPLE_INSTALL = "pip install cut-cross-entropy==25.1.1 --no-deps"
 ALTERNATIVES = ["F.cross_entropy(E @ C.T)", "F.linear_cross_entropy default",
                 "F.linear_cross_entropy auto chunks", "F.linear_cross_entropy 512-row chunks",
-                "apple cut-cross-entropy torch_compile"]
+                APPLE]
+# LLM-shaped case (Gemma 2 2B's head, as in the paper's Table 1): D, V, and the N that lets the
+# materialised-logits baselines fit beside the classifier on a 24 GiB machine (module docstring).
+LLM_SHAPE = {"n": 2048, "d": 2304, "v": 256000}
+
+
+def apple_note() -> Optional[str]:
+    """``None`` when apple's ``cut_cross_entropy`` can be found; else why its column is left out."""
+    import importlib.util
+
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return (f"apple's cut-cross-entropy is not installed, its torch_compile column is left "
+                f"out ({APPLE_INSTALL} adds it)")
+    return None
+
+
+def available(cases: List[str]) -> List[str]:
+    """``cases`` without apple's when its package is not installed."""
+    return [c for c in cases if c != APPLE or apple_note() is None]
+
+
+def suite_tables(d: int = 512, smoke: bool = False) -> List[Dict[str, Any]]:
+    """The ``--suite`` tables: kind, dtype, N, D, V, cases and a per-case timeout (seconds).
+
+    ``smoke`` shrinks every shape (N <= 256, D <= 64, V / 64) and keeps the cases, so that
+    every code path of the suite runs in a minute or two.
+    """
+    tables: List[Dict[str, Any]] = []
+    for kind, ours in (("dense", ["lossbench ext"]),
+                       ("peaked", ["lossbench ext", "lossbench ext unsorted"])):
+        for v in (32768, 131072):
+            tables.append(dict(kind=kind, dtype="float32", n=8192, d=d, v=v,
+                               cases=ours + ALTERNATIVES, timeout=300))
+    for v in (8192, 32768, 131072):
+        tables.append(dict(kind="dense", dtype="bfloat16", n=8192, d=d, v=v,
+                           cases=["lossbench ext"], timeout=300))
+    tables.append(dict(kind="peaked", dtype="float32", **LLM_SHAPE, cases=OURS + ALTERNATIVES,
+                       timeout=1800, title="LLM-shaped (Gemma-2-like head)"))
+    if smoke:
+        for t in tables:
+            t.update(n=min(t["n"], 256), d=min(t["d"], 64), v=max(256, t["v"] // 64),
+                     timeout=min(t["timeout"], 600))
+    return tables
 
 
 def rss_mib(field: str) -> float:
@@ -78,11 +134,9 @@ def make_case(name: str):
         elif "512-row" in name:
             opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=512, chunking_method=None)
         return lambda E, C, t: F.linear_cross_entropy(E, C, t, options=opts)
-    if name.startswith("apple"):
-        try:
-            from cut_cross_entropy import linear_cross_entropy as apple
-        except Exception:
-            return None
+    if name == APPLE:
+        from cut_cross_entropy import linear_cross_entropy as apple  # worker reports failures
+
         return lambda E, C, t: apple(E, C, t, impl="torch_compile")
     if name.startswith("lossbench"):
         from lossbench.cce import linear_cross_entropy
@@ -121,7 +175,11 @@ def worker(args) -> None:
     import torch
 
     device = torch.device(args.device)
-    fn = make_case(args.case)
+    try:
+        fn = make_case(args.case)
+    except ImportError as exc:
+        print(json.dumps({"case": args.case, "skipped": f"import failed: {exc}"[:160]}))
+        return
     if fn is None:
         print(json.dumps({"case": args.case, "skipped": "not available"}))
         return
@@ -220,8 +278,10 @@ def run_case(case: str, n: int, d: int, v: int, device: str, reps: int, timeout:
 
 
 def table(n: int, d: int, v: int, device: str, reps: int, timeout: float, kind: str,
-          dtype: str, cases: list, rate: float) -> None:
+          dtype: str, cases: list, rate: float, title: str = "") -> None:
     bound = 3 * 2 * n * v * d / rate
+    if title:
+        print(title)
     rows = [run_case(c, n, d, v, device, reps, timeout, kind, dtype) for c in cases]
     alt = [r["time"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
     alt_mem = [r["extra_mib"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
@@ -295,7 +355,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=None, help="timed runs after a warm-up")
     parser.add_argument("--quick", action="store_true", help="small, one timed run")
-    parser.add_argument("--suite", action="store_true", help="the README's tables (about 15 min on a quiet 2-core CPU)")
+    parser.add_argument("--suite", action="store_true",
+                        help="the README's tables (about 15 min on a quiet 2-core CPU, plus "
+                             "30-45 min for the LLM-shaped case)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --suite: the same cases on tiny shapes (checks that they run)")
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -315,20 +379,22 @@ def main() -> None:
     print(f"device {args.device}, D={args.d}, fwd+bwd, median of {reps} after a warm-up; "
           f"float32 GEMM rate {rate / 1e9:.0f} GFLOP/s; load average {load:.1f}; "
           f"{os.cpu_count()} CPUs\n", flush=True)
+    note = apple_note()
+    if note:
+        print(f"note: {note}\n", flush=True)
     if args.suite:
-        # The issue's shapes: N = 8192, D = 512, V in {32768, 131072}; about 15 minutes on a quiet 2-core CPU.
-        alts = ALTERNATIVES
-        timeout = min(args.timeout, 300)
-        for kind, ours in (("dense", ["lossbench ext"]), ("peaked", ["lossbench ext", "lossbench ext unsorted"])):
-            for v in (32768, 131072):
-                table(8192, args.d, v, args.device, reps, timeout, kind, "float32", ours + alts, rate)
-        for v in (8192, 32768, 131072):
-            table(8192, args.d, v, args.device, reps, timeout, "dense", "bfloat16", ["lossbench ext"], rate)
-        bound_check(1024, args.d, 32768)
-        bound_check(1024, args.d, 32768, rows=64)
+        # The issue's shapes (N = 8192, D = 512, V in {32768, 131072}) and the LLM-shaped case.
+        for t in suite_tables(args.d, smoke=args.smoke):
+            table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
+                  t["kind"], t["dtype"], available(t["cases"]), rate, t.get("title", ""))
+        if args.smoke:
+            bound_check(256, 32, 2048, rows=64)
+        else:
+            bound_check(1024, args.d, 32768)
+            bound_check(1024, args.d, 32768, rows=64)
         return
     vocab = args.vocab or ([32768] if args.quick else [32768, 131072])
-    cases = args.cases or (OURS + ALTERNATIVES)
+    cases = args.cases or available(OURS + ALTERNATIVES)
     for v in vocab:
         table(n, args.d, v, args.device, reps, args.timeout, args.kind, args.dtype, cases, rate)
 
