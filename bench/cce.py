@@ -54,10 +54,12 @@ sys.path.insert(0, str(ROOT))
 
 OURS = ["lossbench ext", "lossbench ext unsorted", "lossbench torch"]
 APPLE = "apple cut-cross-entropy torch_compile"
+#: apple's Triton kernels (CUDA only): the implementation the paper times.
+APPLE_TRITON = "apple cut-cross-entropy cce"
 APPLE_INSTALL = "pip install cut-cross-entropy==25.1.1 --no-deps"
 ALTERNATIVES = ["F.cross_entropy(E @ C.T)", "F.linear_cross_entropy default",
                 "F.linear_cross_entropy auto chunks", "F.linear_cross_entropy 512-row chunks",
-                APPLE]
+                APPLE, APPLE_TRITON]
 # LLM-shaped case (Gemma 2 2B's head, as in the paper's Table 1): D, V, and the N that lets the
 # materialised-logits baselines fit beside the classifier on a 24 GiB machine (module docstring).
 LLM_SHAPE = {"n": 2048, "d": 2304, "v": 256000}
@@ -73,9 +75,14 @@ def apple_note() -> Optional[str]:
     return None
 
 
-def available(cases: List[str]) -> List[str]:
-    """``cases`` without apple's when its package is not installed."""
-    return [c for c in cases if c != APPLE or apple_note() is None]
+def available(cases: List[str], device: str = "cpu") -> List[str]:
+    """``cases`` without apple's when its package is not installed; on CUDA, apple's Triton
+    kernels (``impl="cce"``) join its torch_compile path."""
+    if device == "cuda" and APPLE in cases and APPLE_TRITON not in cases:
+        cases = cases + [APPLE_TRITON]
+    if device != "cuda":
+        cases = [c for c in cases if c != APPLE_TRITON]
+    return [c for c in cases if c not in (APPLE, APPLE_TRITON) or apple_note() is None]
 
 
 def suite_tables(d: int = 512, smoke: bool = False) -> List[Dict[str, Any]]:
@@ -134,10 +141,11 @@ def make_case(name: str):
         elif "512-row" in name:
             opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=512, chunking_method=None)
         return lambda E, C, t: F.linear_cross_entropy(E, C, t, options=opts)
-    if name == APPLE:
+    if name in (APPLE, APPLE_TRITON):
         from cut_cross_entropy import linear_cross_entropy as apple  # worker reports failures
 
-        return lambda E, C, t: apple(E, C, t, impl="torch_compile")
+        impl = name.split()[-1]
+        return lambda E, C, t: apple(E, C, t, impl=impl)
     if name.startswith("lossbench"):
         from lossbench.cce import linear_cross_entropy
 
@@ -386,7 +394,7 @@ def main() -> None:
         # The issue's shapes (N = 8192, D = 512, V in {32768, 131072}) and the LLM-shaped case.
         for t in suite_tables(args.d, smoke=args.smoke):
             table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
-                  t["kind"], t["dtype"], available(t["cases"]), rate, t.get("title", ""))
+                  t["kind"], t["dtype"], available(t["cases"], args.device), rate, t.get("title", ""))
         if args.smoke:
             bound_check(256, 32, 2048, rows=64)
         else:
@@ -394,7 +402,7 @@ def main() -> None:
             bound_check(1024, args.d, 32768, rows=64)
         return
     vocab = args.vocab or ([32768] if args.quick else [32768, 131072])
-    cases = args.cases or available(OURS + ALTERNATIVES)
+    cases = args.cases or available(OURS + ALTERNATIVES, args.device)
     for v in vocab:
         table(n, args.d, v, args.device, reps, args.timeout, args.kind, args.dtype, cases, rate)
 

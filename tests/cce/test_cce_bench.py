@@ -28,7 +28,9 @@ def test_apple_column_is_left_out_with_a_note_when_not_installed(bench, monkeypa
     note = bench.apple_note()
     assert note is not None and "pip install cut-cross-entropy==25.1.1 --no-deps" in note
     kept = bench.available(bench.OURS + bench.ALTERNATIVES)
-    assert bench.APPLE not in kept and len(kept) == len(bench.OURS + bench.ALTERNATIVES) - 1
+    assert bench.APPLE not in kept and bench.APPLE_TRITON not in kept
+    assert len(kept) == len(bench.OURS + bench.ALTERNATIVES) - 2
+    assert bench.APPLE_TRITON not in bench.available(bench.ALTERNATIVES, "cuda")
 
 
 def test_apple_column_is_kept_when_installed(bench, monkeypatch):
@@ -37,6 +39,9 @@ def test_apple_column_is_kept_when_installed(bench, monkeypatch):
                         lambda name, *a: object() if name == "cut_cross_entropy" else real(name, *a))
     assert bench.apple_note() is None
     assert bench.APPLE in bench.available(bench.ALTERNATIVES)
+    # apple's Triton kernels run on CUDA only
+    assert bench.APPLE_TRITON not in bench.available(bench.ALTERNATIVES, "cpu")
+    assert bench.APPLE_TRITON in bench.available([bench.APPLE], "cuda")
     assert all(bench.APPLE in t["cases"] for t in bench.suite_tables()
                if t["dtype"] == "float32")
 
