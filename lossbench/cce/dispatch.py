@@ -4,14 +4,15 @@
 :func:`resolve_impl` picks the compiled extension (``ext``) or plain PyTorch (``torch``, see
 :mod:`lossbench.cce.reference`) and :func:`_run` calls the chosen one.
 
-``impl='auto'`` uses the extension only where its kernels have passed the tests on that device
-type (:func:`auto_uses_ext`): on the CPU. The CUDA kernels compile but have not yet run on a GPU,
-so on CUDA tensors ``'auto'`` means ``'torch'`` and the kernels run only with ``impl='ext'``.
+``impl='auto'`` uses the extension only where its kernels have passed the tests (:func:`auto_uses_ext`):
+on the CPU, and on CUDA GPUs of a compute capability listed in ``VERIFIED_CUDA_CAPABILITIES`` (the
+CUDA cases of tests/cce passed there: 143 of them on an H200, sm_90, torch 2.11, CUDA 13.0). On any
+other GPU ``'auto'`` means ``'torch'`` and the kernels run only with ``impl='ext'``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -19,9 +20,10 @@ from . import ext
 from .reference import RunResult, torch_run
 
 IMPLS = ("auto", "torch", "ext")
-# Set to True once tests/cce (test_cce_loss, test_cce_filter) have passed on a GPU with the CUDA
-# kernels built; until then impl='auto' keeps CUDA tensors on the pure-PyTorch pass.
-CUDA_KERNELS_VERIFIED = False
+# Compute capabilities on which the CUDA cases of tests/cce (``pytest tests/cce -k cuda``, as
+# bench/gpu.sh runs them) have passed with the CUDA kernels built; impl='auto' keeps CUDA tensors of
+# any other GPU on the pure-PyTorch pass. Add a capability only after that run has passed on it.
+VERIFIED_CUDA_CAPABILITIES: Tuple[Tuple[int, int], ...] = ((9, 0),)
 # Budget for the R x V logits block, in elements, per device type (float32: CPU 48 MiB, CUDA
 # 256 MiB), and the fewest rows a block gets whatever V (below ~256 rows the CPU GEMMs lose
 # 20-40 % of their rate), so above V = budget / MIN_BLOCK_ROWS (49,152 on CPU) the default block
@@ -42,16 +44,25 @@ def block_rows(n: int, v: int, device: torch.device) -> int:
     return max(1, min(rows, max(1, n)))
 
 
-def auto_uses_ext(device_type: str) -> bool:
-    """Whether ``impl='auto'`` may choose the extension for tensors on ``device_type``.
+def cuda_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The compute capability of CUDA ``device``, or ``None`` where it cannot be read."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+    except (RuntimeError, AssertionError, ValueError):
+        return None
 
-    CPU: yes. CUDA: only once the CUDA kernels are verified on a GPU (``CUDA_KERNELS_VERIFIED``).
+
+def auto_uses_ext(device: torch.device) -> bool:
+    """Whether ``impl='auto'`` may choose the extension for tensors on ``device``.
+
+    CPU: yes. CUDA: only on a GPU whose compute capability is in ``VERIFIED_CUDA_CAPABILITIES``.
     Any other device: no (the extension has no kernels there).
     """
-    if device_type == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         return True
-    if device_type == "cuda":
-        return CUDA_KERNELS_VERIFIED
+    if device.type == "cuda":
+        return cuda_capability(device) in VERIFIED_CUDA_CAPABILITIES
     return False
 
 
@@ -64,7 +75,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and not auto_uses_ext(device.type)):
+    if impl == "torch" or (impl == "auto" and not auto_uses_ext(device)):
         return "torch"
     if device.type not in ("cpu", "cuda"):
         ext.warn_fallback(f"it has no kernels for device {device}")

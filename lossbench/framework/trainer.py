@@ -353,6 +353,17 @@ class Trainer:
         if self._averager_state is not None:
             self.averager.load_state_dict(self._averager_state)
 
+    def precision_note(self) -> str:
+        """How the run computes: float32, or the autocast dtype, with why ``--amp auto`` chose it."""
+        if not self.amp_dtype:
+            return "float32"
+        text = "autocast " + str(self.amp_dtype).replace("torch.", "")
+        if self.scaler is not None:
+            text += " with a grad scaler"
+        if self.args.amp == "auto":
+            text += " (--amp auto: CUDA, --amp-dtype)" if self.device.type == "cuda" else " (--amp auto: native bf16 on this CPU)"
+        return text
+
     def fit(self) -> Dict[str, Any]:
         args, main = self.args, self.dist.is_main
         last = os.path.join(self.run_dir, "last.pt")
@@ -374,9 +385,7 @@ class Trainer:
             self.init_from_data()
         self._start_averaging()
         if main:
-            print(f"training {args.model} with {args.loss} on {self.device.type}: "
-                  f"{'autocast ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'float32'}"
-                  f"{' (--amp auto: native bf16 on this CPU)' if args.amp == 'auto' and self.amp_dtype else ''}, "
+            print(f"training {args.model} with {args.loss} on {self.device.type}: {self.precision_note()}, "
                   f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all", flush=True)
         barrier(self.dist)
         if main:

@@ -224,34 +224,41 @@ def test_real_cpu_build_says_so_once(tmp_path):
 
 
 
-@pytest.mark.parametrize("device_type, expected", [("cpu", True), ("cuda", False),
-                                                   ("mps", False), ("meta", False)])
-def test_auto_uses_the_extension_only_where_verified(device_type, expected):
-    assert dispatch.CUDA_KERNELS_VERIFIED is False  # flip only after the GPU tests have passed
-    assert dispatch.auto_uses_ext(device_type) is expected
+@pytest.mark.parametrize("device_type, capability, expected", [
+    ("cpu", None, True), ("cuda", (9, 0), True), ("cuda", (8, 0), False), ("cuda", (12, 0), False),
+    ("cuda", None, False), ("mps", None, False), ("meta", None, False)])
+def test_auto_uses_the_extension_only_where_verified(monkeypatch, device_type, capability, expected):
+    monkeypatch.setattr(dispatch, "cuda_capability", lambda device: capability)
+    assert dispatch.auto_uses_ext(torch.device(device_type)) is expected
 
 
-def test_auto_on_cuda_uses_torch_even_with_cuda_kernels(monkeypatch):
-    """Regression: 'auto' picked the never-run CUDA kernels whenever they were compiled in;
-    now CUDA tensors stay on the pure-PyTorch pass unless impl='ext' asks for the kernels."""
+def test_verified_capabilities_are_the_ones_the_gpu_tests_passed_on():
+    assert dispatch.VERIFIED_CUDA_CAPABILITIES == ((9, 0),)  # H200: bench/gpu.sh, tests/cce -k cuda
+
+
+def test_auto_on_an_unverified_gpu_uses_torch_even_with_cuda_kernels(monkeypatch):
+    """Regression: 'auto' picked never-run CUDA kernels whenever they were compiled in; now a GPU
+    whose capability has not passed the CUDA tests stays on the pure-PyTorch pass unless impl='ext'."""
     fresh_state(monkeypatch)
     monkeypatch.setenv("LOSSBENCH_REQUIRE_EXT", "1")  # a silent fallback would raise
     loads = []
     monkeypatch.setattr(ext, "load", lambda verbose=False: loads.append(1) or _WithCudaKernels())
+    monkeypatch.setattr(dispatch, "cuda_capability", lambda device: (8, 6))
     cuda = torch.device("cuda")
     assert api.resolve_impl("auto", cuda) == "torch"
     assert api.resolve_impl("auto", torch.device("cuda", 1)) == "torch"
-    assert not loads  # 'auto' on CUDA does not even build or load the extension
+    assert not loads  # 'auto' on such a GPU does not even build or load the extension
     assert api.resolve_impl("ext", cuda) == "ext"
     assert api.resolve_impl("auto", torch.device("cpu")) == "ext"
-    # once the kernels are verified on a GPU, flipping the flag is all 'auto' needs
-    monkeypatch.setattr(dispatch, "CUDA_KERNELS_VERIFIED", True)
+    # a verified capability: 'auto' takes the kernels
+    monkeypatch.setattr(dispatch, "cuda_capability", lambda device: (9, 0))
     assert api.resolve_impl("auto", cuda) == "ext"
 
 
 def test_auto_on_cuda_reaches_the_torch_pass(monkeypatch):
-    """The choice made for a (simulated) CUDA tensor is what the autograd function runs."""
+    """The choice made for a (simulated) CUDA tensor of an unverified GPU is what the autograd function runs."""
     monkeypatch.setattr(ext, "load", lambda verbose=False: _WithCudaKernels())
+    monkeypatch.setattr(dispatch, "cuda_capability", lambda device: (8, 6))
     real = api.resolve_impl
     monkeypatch.setattr(api, "resolve_impl",
                         lambda impl, device: real(impl, torch.device("cuda")))

@@ -52,3 +52,19 @@ def test_alternating_flips_need_the_batched_path(image_folder, tmp_path):
         Trainer(_args(image_folder, tmp_path, "x", "--device-augment", "off"))
     with pytest.raises(ConfigError, match="lr_scale"):
         parse_args(["--lr-scale", '{"norm_bias": -1}'])
+
+
+def test_precision_note_names_the_dtype_the_scaler_and_why():
+    """A CUDA run under --amp auto used to be reported as 'native bf16 on this CPU' while it ran fp16."""
+    from types import SimpleNamespace
+
+    from lossbench.framework.trainer import Trainer
+
+    def note(dtype, scaler, amp, device):
+        return Trainer.precision_note(SimpleNamespace(amp_dtype=dtype, scaler=scaler, args=SimpleNamespace(amp=amp),
+                                                      device=torch.device(device)))
+
+    assert note(None, None, False, "cpu") == "float32"
+    assert note(torch.bfloat16, None, "auto", "cpu") == "autocast bfloat16 (--amp auto: native bf16 on this CPU)"
+    assert note(torch.float16, object(), "auto", "cuda") == "autocast float16 with a grad scaler (--amp auto: CUDA, --amp-dtype)"
+    assert note(torch.bfloat16, None, True, "cuda") == "autocast bfloat16"
