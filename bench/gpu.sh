@@ -6,13 +6,16 @@
 #      apple's Triton kernels and torch_compile path included when cut-cross-entropy is installed;
 #   4. configs/cifar10_fast.yaml over seeds (bench/seeds.py; --amp auto on CUDA = fp16 with a grad scaler);
 #   5. the same recipe, seed 0, with bf16 autocast and in float32;
-#   6. configs/cifar10_resnet18.yaml for 30 epochs, seed 0, if time is left.
+#   6. configs/cifar10_fast_long.yaml (airbench95's recipe) over 3 seeds;
+#   7. configs/cifar10_resnet18.yaml for 30 epochs, seed 0, if time is left.
 # usage: bench/gpu.sh <output folder> [datasets folder, default ../shared/datasets] [budget seconds, default 560]
+#        [steps, default "build cuda-tests cce fast fast-precision long resnet18"]
 # Writes <output>/gpu.log (everything) and <output>/seeds.json; builds and runs go to ${TMPDIR:-/tmp}.
 set -u
 out=${1:?usage: bench/gpu.sh <output folder> [datasets folder] [budget seconds]}
 data=${2:-../shared/datasets}
 budget=${3:-560}
+steps=" ${4:-build cuda-tests cce fast fast-precision long resnet18} "
 py=${PYTHON:-python3}
 tmp=${TMPDIR:-/tmp}/lossbench-gpu
 mkdir -p "$out" "$tmp"
@@ -27,6 +30,7 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 step() {
   local name=$1 max=$2 limit t0 rc
   shift 2
+  [[ $steps == *" ${name%%:*} "* ]] || return 0
   limit=$(left)
   (( limit > max )) && limit=$max
   if (( limit < 20 )); then echo "== $name: skipped, budget spent" | tee -a "$log"; return 0; fi
@@ -46,14 +50,15 @@ step() {
 step build 300 $py -m lossbench.cce.build --cuda
 step cuda-tests 150 $py -m pytest -q -rs -p no:cacheprovider tests/cce -k cuda
 grep -E "passed|failed|error" "$log" | tail -2
-step cce-bench-bf16-gemma2 170 $py bench/cce.py --device cuda --dtype bfloat16 --n 8192 --d 2304 --vocab 256000 --reps 5 --timeout 100
+step cce:bf16-gemma2 170 $py bench/cce.py --device cuda --dtype bfloat16 --n 8192 --d 2304 --vocab 256000 --reps 5 --timeout 100
 sed -n '/^dense, bfloat16/,/^$/p' "$log"
 
-fast=(-c configs/cifar10_fast.yaml --data "imagefolder:$data/cifar10-jpeg-full" --test-folder "$data/cifar10-jpeg-subset/test" --cache-dir "$tmp/cache")
-step fast-seeds 200 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast" --seeds 0 1 2 3 4 5 6 7 8 9 --max-seconds 150 --json "$out/seeds.json"
-step fast-bf16 40 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast-bf16" --seeds 0 --amp on --amp-dtype bfloat16
-step fast-fp32 45 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast-fp32" --seeds 0 --no-amp
+fast=(-c configs/cifar10_fast.yaml --data "imagefolder:$data/cifar10-jpeg-full" --test-folder "$data/cifar10-jpeg-subset/test" --cache-dir "$tmp/cache" --no-progress)
+step fast 200 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast" --seeds 0 1 2 3 4 5 6 7 8 9 --max-seconds 150 --json "$out/seeds.json"
+step fast-precision:bf16 40 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast-bf16" --seeds 0 --amp on --amp-dtype bfloat16
+step fast-precision:fp32 45 $py bench/seeds.py "${fast[@]}" --output "$tmp/fast-fp32" --seeds 0 --no-amp
+step long 150 $py bench/seeds.py -c configs/cifar10_fast_long.yaml --data "imagefolder:$data/cifar10-jpeg-full" --test-folder "$data/cifar10-jpeg-subset/test" --cache-dir "$tmp/cache" --no-progress --output "$tmp/long" --seeds 0 1 2 --max-seconds 100 --json "$out/seeds_long.json"
 grep -E "^\| (seed|[0-9]|mean)|seeds on" "$log"
-step resnet18-30ep 300 $py bench/seeds.py -c configs/cifar10_resnet18.yaml --data "imagefolder:$data/cifar10-jpeg-full" --test-folder "$data/cifar10-jpeg-subset/test" --cache-dir "$tmp/cache" --epochs 30 --amp auto --output "$tmp/r18" --seeds 0
+step resnet18 300 $py bench/seeds.py -c configs/cifar10_resnet18.yaml --data "imagefolder:$data/cifar10-jpeg-full" --test-folder "$data/cifar10-jpeg-subset/test" --cache-dir "$tmp/cache" --epochs 30 --amp auto --no-progress --output "$tmp/r18" --seeds 0
 grep -E "^epoch" "$log" | tail -3
 echo "total $(( $(date +%s) - start ))s" | tee -a "$log"
