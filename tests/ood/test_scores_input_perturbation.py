@@ -1,0 +1,213 @@
+"""Model-level scores (AdaSCALE-A/-L, i-ODIN, RankFeat) against float64 numpy transcriptions.
+
+For the input-gradient scores the model is ``h = ReLU(x A^T)``, ``z = W h + b``, so every input
+gradient has a closed form; RankFeat runs on a tiny timm ResNet, transcribed stage by stage.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy.special import logsumexp, softmax
+
+from ood import ScoreNotApplicable, create_score
+from ood.registry import get_score_class
+from ood.scores.adascale import ADASCALE_OFFICIAL_GRID
+
+from conftest import loader
+
+
+class ReluNet(nn.Module):
+    def __init__(self, d_in=48, d=100, c=5, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(torch.randn(d, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5)
+        self.fc = nn.Linear(d, c).double()
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(c, d, generator=g, dtype=torch.float64))
+            self.fc.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+
+    def features(self, x):
+        return torch.relu(x.flatten(1) @ self.A.T)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _np(model):
+    return (model.A.detach().numpy(), model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy())
+
+
+def _x(n, seed):
+    return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- AdaSCALE ---------------------------------------------------------------------------------------
+def _features_and_perturbed(params, x, eps, o):
+    a, w, b = params
+    xf = x.reshape(len(x), -1)
+    pre = xf @ a.T
+    h = np.maximum(pre, 0)
+    yhat = np.argmax(h @ w.T + b, axis=1)
+    g = (w[yhat] * (pre > 0)) @ a  # d z_yhat / d x
+    m = int(xf.shape[1] * o)
+    mask = np.zeros_like(xf)
+    for i, row in enumerate(np.abs(g)):
+        mask[i, np.argsort(row, kind="stable")[:m]] = 1.0
+    xt = xf + eps * np.sign(g) * mask
+    return h, np.maximum(xt @ a.T, 0)
+
+
+def _q(h, ht, k1, k2, lam):
+    d = h.shape[1]
+    ka, kb = max(1, int(d * k1 / 100)), max(1, int(d * k2 / 100))
+    out = []
+    for hi, hti in zip(h, ht):
+        order = np.argsort(-hi, kind="stable")
+        out.append(np.maximum(hti[order[:ka]], 0).sum() + lam * np.abs(hi - hti)[order[:kb]].sum())
+    return np.array(out)
+
+
+def _adascale_ref(params, x_ref, x, variant, p=(75, 85), k1=5, k2=1, lam=10.0, eps=0.5, o=0.05):
+    a, w, b = params
+    h_ref, ht_ref = _features_and_perturbed(params, x_ref, eps, o)
+    ref = np.sort(_q(h_ref, ht_ref, k1, k2, lam))
+    h, ht = _features_and_perturbed(params, x, eps, o)
+    cdf = np.array([(ref <= q).sum() / len(ref) for q in _q(h, ht, k1, k2, lam)])
+    pct = p[0] + (1 - cdf) * (p[1] - p[0])
+    d = h.shape[1]
+    k = d - np.round(d * pct / 100.0).astype(int)
+    act = np.maximum(h, 0)
+    r = act.sum(1) / np.array([np.sort(row)[::-1][:ki].sum() for row, ki in zip(act, k)])
+    logits = (h * np.exp(r)[:, None]) @ w.T + b if variant == "a" else (h @ w.T + b) * r[:, None] ** 2
+    return logsumexp(logits, axis=1)
+
+
+@pytest.mark.parametrize("variant", ["a", "l"])
+@pytest.mark.parametrize("kw", [{}, {"percentile": (60, 95), "o": 0.25, "eps": 0.3, "lmbda": 2.0}])
+def test_adascale_matches_the_transcription(variant, kw):
+    model = ReluNet().eval()
+    x_tr, x_val, x = _x(40, 1), _x(60, 2), torch.cat([_x(20, 3), 3 * _x(10, 4)])
+    s = create_score(f"adascale_{variant}", **kw).fit(model, loader(x_tr, batch_size=16),
+                                                      val_loader=loader(x_val, batch_size=16))
+    assert s.info()["fitted_on"] == "val"
+    params = _np(model)
+    ref_kw = {("p" if k == "percentile" else "lam" if k == "lmbda" else k): v for k, v in kw.items()}
+    want = _adascale_ref(params, x_val.numpy(), x.numpy(), variant, **ref_kw)
+    np.testing.assert_allclose(s.score(model, loader(x, batch_size=7)).numpy(), want, rtol=1e-10)
+    # without validation data the ECDF comes from the fit loader
+    s_tr = create_score(f"adascale_{variant}", **kw).fit(model, loader(x_tr, batch_size=16))
+    assert s_tr.info()["fitted_on"] == "train"
+    want = _adascale_ref(params, x_tr.numpy(), x.numpy(), variant, **ref_kw)
+    np.testing.assert_allclose(s_tr.score(model, loader(x, batch_size=7)).numpy(), want, rtol=1e-10)
+
+
+def test_adascale_ecdf_is_right_continuous_and_maps_to_the_percentile_range():
+    s = create_score("adascale_a", percentile=(60, 80))
+    d = 100
+    h = np.zeros((4, d))
+    h[:, :5] = np.arange(1, 5)[:, None] / 5.0  # top-5 sums 1, 2, 3, 4 (k1 = 5 % of 100)
+    s.fit_shift(torch.from_numpy(h), torch.from_numpy(h))  # no shift: Q' = sum of the top-5 ReLU(h)
+    q = np.zeros((3, d))
+    q[:, :5] = np.array([2.0, 0.5, 9.0])[:, None] / 5.0
+    p = s.percentiles(torch.from_numpy(q), torch.from_numpy(q)).numpy()
+    # F(2) = 2/4 (ties count), F(0.5) = 0, F(9) = 1
+    np.testing.assert_allclose(p, [70.0, 80.0, 60.0], rtol=1e-12)
+
+
+def test_adascale_subsamples_the_reference_with_a_seed():
+    rng = np.random.default_rng(0)
+    h, ht = torch.from_numpy(rng.random((50, 100))), torch.from_numpy(rng.random((50, 100)))
+    a = create_score("adascale_a", num_samples=10, seed=3).fit_shift(h, ht)
+    b = create_score("adascale_a", num_samples=10, seed=3).fit_shift(h, ht)
+    full = create_score("adascale_a").fit_shift(h, ht)
+    assert a.reference_.numel() == 10 and torch.equal(a.reference_, b.reference_)
+    assert set(a.reference_.tolist()) <= set(full.reference_.tolist())
+
+
+def test_adascale_settings_and_grids():
+    pairs = get_score_class("adascale_a").GRID["percentile"]
+    assert len(pairs) == 36 and pairs[0] == (60, 65) and pairs[-1] == (95, 99) and all(a < b for a, b in pairs)
+    assert get_score_class("adascale_l").GRID == get_score_class("adascale_a").GRID
+    assert ADASCALE_OFFICIAL_GRID["percentile"] == tuple((60, b) for b in (65, 70, 75, 80, 85, 90, 95, 99))
+    for bad in ({"percentile": (85, 75)}, {"percentile": (0, 50)}, {"percentile": 80}, {"k1": 0},
+                {"o": 1.5}, {"num_samples": 0}, {"source": "test"}):
+        with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+            create_score("adascale_a", **bad)
+
+
+# ---- i-ODIN --------------------------------------------------------------------------------------
+def _iodin_ref(params, x, temperature, eps, std=None):
+    a, w, b = params
+    xf = x.reshape(len(x), -1)
+    pre = xf @ a.T
+    z = np.maximum(pre, 0) @ w.T + b
+    yhat = np.argmax(z, axis=1)
+    dz = (softmax(z / temperature, axis=1) - np.eye(w.shape[0])[yhat]) / temperature  # d CE / d z
+    g = ((dz @ w) * (pre > 0)) @ a
+    xp = xf.copy()
+    for i, row in enumerate(g):
+        j = int(np.argmax(np.abs(row)))
+        step = eps * (1.0 if row[j] >= 0 else -1.0)
+        xp[i, j] -= step / (std[j // 16] if std is not None else 1.0)  # 16 entries per channel (4 x 4)
+    zp = np.maximum(xp @ a.T, 0) @ w.T + b
+    return softmax(zp / temperature, axis=1).max(axis=1)
+
+
+@pytest.mark.parametrize("temperature, eps, std", [(1000.0, 0.0014, None), (1.0, 0.05, None),
+                                                   (10.0, 0.02, (0.2, 0.5, 0.25))])
+def test_iodin_matches_the_transcription(temperature, eps, std):
+    model = ReluNet(c=4).eval()
+    x = torch.cat([_x(12, 5), 2 * _x(6, 6)])
+    s = create_score("iodin", temperature=temperature, eps=eps, input_std=std)
+    got = s.score(model, loader(x, batch_size=5)).numpy()
+    np.testing.assert_allclose(got, _iodin_ref(_np(model), x.numpy(), temperature, eps, std), rtol=1e-10)
+
+
+def test_iodin_moves_one_entry_where_odin_moves_all():
+    model = ReluNet(c=4).eval()
+    x = _x(5, 7)
+    moved = (create_score("iodin", temperature=1.0, eps=0.1).preprocess(model, x) != x).flatten(1).sum(1)
+    assert moved.tolist() == [1] * 5
+    moved_odin = (create_score("odin", temperature=1.0, eps=0.1).preprocess(model, x) != x).flatten(1).sum(1)
+    assert (moved_odin > 1).all()
+    assert get_score_class("iodin").GRID == {"temperature": (1.0, 10.0, 100.0, 1000.0), "eps": (0.0014, 0.0028)}
+
+
+# ---- RankFeat ------------------------------------------------------------------------------------
+def _rank1_removed(f):
+    out = np.empty_like(f)
+    for i, fm in enumerate(f):
+        m = fm.reshape(fm.shape[0], -1)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        out[i] = (m - s[0] * np.outer(u[:, 0], vt[0])).reshape(fm.shape)
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_rankfeat_matches_the_stage_by_stage_transcription(resnet_model, temperature):
+    model = copy.deepcopy(resnet_model).double().eval()
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    s = create_score("rankfeat", temperature=temperature).fit(model, loader(x))
+    got = s.score(model, loader(x, batch_size=2)).numpy()
+    bb = model.backbone
+    with torch.no_grad():  # timm ResNet: stem, layer1..4, global average pool; then the head
+        f3 = bb.layer3(bb.layer2(bb.layer1(bb.maxpool(bb.act1(bb.bn1(bb.conv1(x)))))))
+        f4 = bb.layer4(f3)
+        assert f4.shape[2] * f4.shape[3] > 1 and f3.shape[2] * f3.shape[3] > 1
+
+        def head(f):
+            return model.head.logits(torch.as_tensor(f).mean(dim=(2, 3))).numpy()
+
+        z4 = head(_rank1_removed(f4.numpy()))
+        z3 = head(bb.layer4(torch.from_numpy(_rank1_removed(f3.numpy()))))
+    want = temperature * logsumexp((z4 + z3) / 2 / temperature, axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_rankfeat_needs_backbone_stages():
+    with pytest.raises(ScoreNotApplicable, match="feature_info"):
+        create_score("rankfeat").fit(ReluNet(), loader(_x(4, 0)))
+    assert get_score_class("rankfeat").GRID == {}
