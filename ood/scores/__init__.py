@@ -36,6 +36,7 @@ from .adascale import ADASCALE_GRID, ADASCALE_OFFICIAL_GRID, AdaSCALEA, AdaSCALE
 from .iodin import IODIN
 from .weiper import WEIPER_GRID, WeiPer
 from .rankfeat import RankFeat
+from .gram import GRAM
 
 __all__ = [
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
@@ -45,5 +46,5 @@ __all__ = [
     "ReAct", "ASHP", "ASHB", "ASHS", "ash_p", "ash_b", "ash_s", "SCALE", "KNN", "ViM", "GEN",
     "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "gradnorm_closed_form", "SHE", "FDBD",
     "NNGuide", "Relation", "MDSNorm", "RMDSNorm", "NCI", "VRA", "AdaSCALEA", "AdaSCALEL",
-    "ADASCALE_GRID", "ADASCALE_OFFICIAL_GRID", "IODIN", "WeiPer", "WEIPER_GRID", "RankFeat",
+    "ADASCALE_GRID", "ADASCALE_OFFICIAL_GRID", "IODIN", "WeiPer", "WEIPER_GRID", "RankFeat", "GRAM",
 ]

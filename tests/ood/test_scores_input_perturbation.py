@@ -1,7 +1,8 @@
-"""Model-level scores (AdaSCALE-A/-L, i-ODIN, RankFeat) against float64 numpy transcriptions.
+"""Model-level scores (AdaSCALE-A/-L, i-ODIN, RankFeat, GRAM) against float64 numpy transcriptions.
 
 For the input-gradient scores the model is ``h = ReLU(x A^T)``, ``z = W h + b``, so every input
-gradient has a closed form; RankFeat runs on a tiny timm ResNet, transcribed stage by stage.
+gradient has a closed form; RankFeat runs on a tiny timm ResNet, transcribed stage by stage, and
+GRAM on the same ResNet with its conv / ReLU outputs captured by the test's own hooks.
 """
 
 import copy
@@ -211,3 +212,103 @@ def test_rankfeat_needs_backbone_stages():
     with pytest.raises(ScoreNotApplicable, match="feature_info"):
         create_score("rankfeat").fit(ReluNet(), loader(_x(4, 0)))
     assert get_score_class("rankfeat").GRID == {}
+
+
+# ---- GRAM ----------------------------------------------------------------------------------------
+def _taps(model, x):
+    """Logits and every nn.Conv2d / nn.ReLU output (a copy, in call order) of one forward pass."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone().numpy()))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]
+    try:
+        with torch.no_grad():
+            logits = model(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, outs
+
+
+def _gram(f, p):
+    out = []
+    for fm in f.reshape(f.shape[0], f.shape[1], -1):
+        s = ((fm ** p) @ (fm ** p).T).sum(axis=1)
+        out.append(np.sign(s) * np.abs(s) ** (1.0 / p))
+    return np.array(out)
+
+
+def _dev(g, lo, hi):
+    return (np.maximum(lo - g, 0) / np.abs(lo + 1e-6) + np.maximum(g - hi, 0) / np.abs(hi + 1e-6)).sum(axis=-1)
+
+
+def test_gram_matches_the_transcription(resnet_model):
+    model = copy.deepcopy(resnet_model).double().eval()
+    g = torch.Generator().manual_seed(9)
+    y = torch.arange(80) % 4
+    x_tr = torch.randn(80, 3, 32, 32, generator=g, dtype=torch.float64) + 0.5 * y[:, None, None, None]
+    x = torch.cat([torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64),
+                   3 * torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64)])
+    powers = (1, 2, 3)
+    s = create_score("gram", powers=powers, seed=2).fit(model, loader(x_tr, y, batch_size=16))
+    held = s.heldout_.numpy()
+    assert [int(held[y.numpy() == c].sum()) for c in range(4)] == [2] * 4  # int(0.1 * 20) per class
+    _, tr = _taps(model, x_tr)
+    yy = y.numpy()
+    lows, highs, norms = [], [], []
+    for f in tr:
+        gp = np.stack([_gram(f, p) for p in powers], axis=1)  # (N, P, C)
+        lo = np.stack([gp[(yy == c) & ~held].min(axis=0) for c in range(4)])
+        hi = np.stack([gp[(yy == c) & ~held].max(axis=0) for c in range(4)])
+        norms.append(np.mean([_dev(gp[i], lo[yy[i]], hi[yy[i]]).sum() for i in np.nonzero(held)[0]]))
+        lows.append(lo)
+        highs.append(hi)
+    logits, te = _taps(model, x)
+    pred = logits.argmax(axis=1)
+    total = np.zeros(len(x))
+    for f, lo, hi, n in zip(te, lows, highs, norms):
+        gp = np.stack([_gram(f, p) for p in powers], axis=1)
+        total += np.array([_dev(gp[i], lo[pred[i]], hi[pred[i]]).sum() for i in range(len(x))]) / n
+    want = -total / softmax(logits, axis=1).max(axis=1)
+    np.testing.assert_allclose(s.score(model, loader(x, batch_size=4)).numpy(), want, rtol=1e-9)
+    assert len(tr) == s.num_layers_ > 10
+
+
+def test_gram_refuses_unusable_models_and_data(resnet_model):
+    with pytest.raises(ScoreNotApplicable, match="Conv2d"):
+        create_score("gram").fit(nn.Sequential(nn.Flatten(), nn.Linear(48, 4)), loader(_x(4, 0)))
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ScoreNotApplicable, match="held out"):  # 3 samples per class: int(0.3) = 0
+        create_score("gram").fit(resnet_model, loader(x, torch.arange(12) % 4))
+    with pytest.raises(ValueError, match="powers"):
+        create_score("gram", powers=(0, 1))
+
+
+# ---- bad inputs for the scores the harness's tiny model cannot run (they need conv / stage modules) --
+@pytest.mark.parametrize("name", ["rankfeat", "gram"])
+def test_stage_scores_bad_inputs_and_float32_against_float64(resnet_model, name):
+    g = torch.Generator().manual_seed(10)
+    y = torch.arange(80) % 4
+    x_tr = torch.randn(80, 3, 32, 32, generator=g) + 0.5 * y[:, None, None, None]
+    s = create_score(name).fit(resnet_model, loader(x_tr, y, batch_size=16))
+    x = torch.randn(5, 3, 32, 32, generator=g)
+    for value in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[1, 0, 0, 0] = value
+        with pytest.raises(ValueError, match=": x "):
+            s.score(resnet_model, loader(bad))
+    with pytest.raises(ValueError, match="no samples"):
+        s.score(resnet_model, [])
+    m64 = copy.deepcopy(resnet_model).double()
+    ref = create_score(name).fit(m64, loader(x_tr.double(), y, batch_size=16)).score(m64, loader(x.double()))
+    got = s.score(resnet_model, loader(x, batch_size=2))
+    assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("labels, match", [(lambda y: y + 4, "labels"), (lambda y: y - 1, "labels"),
+                                           (lambda y: y.float(), "labels"), (lambda y: y * 0, "classes")])
+def test_gram_fit_labels_are_checked(resnet_model, labels, match):
+    y = torch.arange(80) % 4
+    x_tr = torch.randn(80, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with pytest.raises(ValueError, match=match):
+        create_score("gram").fit(resnet_model, loader(x_tr, labels(y), batch_size=16))
