@@ -37,6 +37,7 @@ from .iodin import IODIN
 from .weiper import WEIPER_GRID, WeiPer
 from .rankfeat import RankFeat
 from .gram import GRAM
+from .nac import NAC
 
 __all__ = [
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
@@ -46,5 +47,5 @@ __all__ = [
     "ReAct", "ASHP", "ASHB", "ASHS", "ash_p", "ash_b", "ash_s", "SCALE", "KNN", "ViM", "GEN",
     "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "gradnorm_closed_form", "SHE", "FDBD",
     "NNGuide", "Relation", "MDSNorm", "RMDSNorm", "NCI", "VRA", "AdaSCALEA", "AdaSCALEL",
-    "ADASCALE_GRID", "ADASCALE_OFFICIAL_GRID", "IODIN", "WeiPer", "WEIPER_GRID", "RankFeat", "GRAM",
+    "ADASCALE_GRID", "ADASCALE_OFFICIAL_GRID", "IODIN", "WeiPer", "WEIPER_GRID", "RankFeat", "GRAM", "NAC",
 ]

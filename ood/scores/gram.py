@@ -12,6 +12,7 @@ from torch import Tensor
 from ..registry import register_score
 from .base import OODScore, batches, concat_scores, eval_mode, model_device
 from .feature_base import ScoreNotApplicable
+from .labelled_passes import loader_labels, ordered_batches
 
 #: The ``1e-6`` the official and OpenOOD deviations add to the range ends before dividing by them.
 RANGE_EPS = 1e-6
@@ -106,32 +107,18 @@ class GRAM(OODScore):
         self.holdout = float(holdout)
         self.seed = int(seed)
 
-    def _labels(self, loader: Iterable) -> List[Tensor]:
-        out = []
-        for i, batch in enumerate(loader):
-            y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-            if not isinstance(y, Tensor) or y.is_floating_point() or y.dim() != 1:
-                raise ValueError(f"gram fit: loader batch {i} must have integer labels of shape (batch,), got {y!r}"[:300])
-            out.append(y.detach().cpu().long())
-        if not out:
-            raise ValueError("fit loader: the loader yielded no samples; expected a non-empty data set")
-        return out
-
     def _pass(self, model: nn.Module, loader: Iterable, labels: List[Tensor], fn: Callable) -> None:
         """``fn(batch index, labels, logits, grams)`` on every batch, checking the loader's order."""
         with eval_mode(model), torch.no_grad(), _Taps(model, self.powers) as taps:
-            for i, (x, y) in enumerate(batches(loader, model_device(model))):
-                if i >= len(labels) or not torch.equal(y.detach().cpu().long(), labels[i]):
-                    raise ValueError("gram fit: the fit loader must yield the same samples in the same order on "
-                                     "every pass (shuffle=False)")
+            for i, x, y in ordered_batches(loader, labels, model_device(model), "gram fit"):
                 logits, grams = taps.run(model, x)
-                fn(i, labels[i], logits, grams)
+                fn(i, y, logits, grams)
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "GRAM":
         """Per-class ranges on 90 % of each class of ``loader``; ``n_l`` on the held-out 10 %."""
         if not any(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in model.modules()):
             raise ScoreNotApplicable(f"gram needs nn.Conv2d or nn.ReLU modules; {type(model).__name__} has none")
-        labels = self._labels(loader)
+        labels = loader_labels(loader, "gram fit")
         y_all = torch.cat(labels)
         num_classes: List[int] = []
 

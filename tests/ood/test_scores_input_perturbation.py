@@ -1,11 +1,13 @@
-"""Model-level scores (AdaSCALE-A/-L, i-ODIN, RankFeat, GRAM) against float64 numpy transcriptions.
+"""Model-level scores (AdaSCALE-A/-L, i-ODIN, RankFeat, GRAM, NAC) against float64 transcriptions.
 
 For the input-gradient scores the model is ``h = ReLU(x A^T)``, ``z = W h + b``, so every input
 gradient has a closed form; RankFeat runs on a tiny timm ResNet, transcribed stage by stage, and
-GRAM on the same ResNet with its conv / ReLU outputs captured by the test's own hooks.
+GRAM on the same ResNet with its conv / ReLU outputs captured by the test's own hooks, NAC with
+an explicit stage-by-stage forward and backward.
 """
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -284,7 +286,7 @@ def test_gram_refuses_unusable_models_and_data(resnet_model):
 
 
 # ---- bad inputs for the scores the harness's tiny model cannot run (they need conv / stage modules) --
-@pytest.mark.parametrize("name", ["rankfeat", "gram"])
+@pytest.mark.parametrize("name", ["rankfeat", "gram", "nac"])
 def test_stage_scores_bad_inputs_and_float32_against_float64(resnet_model, name):
     g = torch.Generator().manual_seed(10)
     y = torch.arange(80) % 4
@@ -298,10 +300,12 @@ def test_stage_scores_bad_inputs_and_float32_against_float64(resnet_model, name)
             s.score(resnet_model, loader(bad))
     with pytest.raises(ValueError, match="no samples"):
         s.score(resnet_model, [])
-    m64 = copy.deepcopy(resnet_model).double()
-    ref = create_score(name).fit(m64, loader(x_tr.double(), y, batch_size=16)).score(m64, loader(x.double()))
     got = s.score(resnet_model, loader(x, batch_size=2))
     assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    if name == "nac":  # a coverage of discrete bins: float32 rounding may move a state across an edge
+        return
+    m64 = copy.deepcopy(resnet_model).double()
+    ref = create_score(name).fit(m64, loader(x_tr.double(), y, batch_size=16)).score(m64, loader(x.double()))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -312,3 +316,95 @@ def test_gram_fit_labels_are_checked(resnet_model, labels, match):
     x_tr = torch.randn(80, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     with pytest.raises(ValueError, match=match):
         create_score("gram").fit(resnet_model, loader(x_tr, labels(y), batch_size=16))
+
+
+# ---- NAC -----------------------------------------------------------------------------------------
+def _nac_edges(m):  # the official coverage.py logspace(1e3, M)
+    x = np.linspace(1, np.sqrt(1e3), num=m // 2)
+    x_l = np.emath.logn(1e3, x)
+    x = np.concatenate([x_l[:-1], (1 - x_l)[::-1]])
+    x[-1] += 1e-2
+    return np.append(x, 1.2)
+
+
+def _nac_layer(states_fit, states, o, m, alpha):
+    """Coverage of one layer: fit histogram (official Estimator.update) and per-sample mean (ood_test)."""
+    e = _nac_edges(m)
+    sig_fit, sig = 1 / (1 + np.exp(-alpha * states_fit)), 1 / (1 + np.exp(-alpha * states))
+    act_fit = (sig_fit[:, None, :] >= e[None, :-1, None]) & (sig_fit[:, None, :] < e[None, 1:, None])
+    cov = np.minimum(act_fit.sum(axis=0) / o, 1.0)  # (M - 1, D)
+    act = (sig[:, None, :] >= e[None, :-1, None]) & (sig[:, None, :] < e[None, 1:, None])
+    return (act * cov[None]).sum(axis=1).mean(axis=1)
+
+
+def test_nac_edges_are_the_official_construction():
+    from ood.scores.nac import nac_edges
+
+    for m in (4, 50, 500, 1000):
+        e = nac_edges(m).numpy()
+        np.testing.assert_allclose(e, _nac_edges(m), rtol=1e-15)
+        assert len(e) == m and e[0] == 0 and e[-1] == 1.2
+    np.testing.assert_allclose(_nac_edges(50)[:4], [0, 0.119, 0.183, 0.228], atol=5e-4)  # the reference's values
+
+
+def test_nac_avgpool_matches_the_closed_form_gradient():
+    model = ReluNet(d=30, c=4).eval()
+    model.head = SimpleNamespace(logits=model.fc)  # NAC differentiates through head.logits(h)
+    y = torch.arange(60) % 4
+    x_tr, x = _x(60, 12) + 0.3 * y[:, None, None, None], torch.cat([_x(8, 13), 4 * _x(4, 14)])
+    s = create_score("nac", layers=("avgpool",), avgpool_O=3, avgpool_M=20, avgpool_sig_alpha=2.0, valid_num=32)
+    s.fit(model, loader(x_tr, y, batch_size=16))
+    sub = s.subset_.numpy()
+    assert [int(sub[y.numpy() == c].sum()) for c in range(4)] == [8] * 4  # int(32 / 4) per class
+    a, w, b = _np(model)
+
+    def state(xx):  # o * g, g = dL/dh = W^T (p - 1/K) for L = sum_k -(1/K) log p_k
+        h = np.maximum(xx.reshape(len(xx), -1) @ a.T, 0)
+        p = softmax(h @ w.T + b, axis=1)
+        return h * ((p - 1.0 / w.shape[0]) @ w)
+
+    want = _nac_layer(state(x_tr.numpy()[sub]), state(x.numpy()), 3.0, 20, 2.0)
+    np.testing.assert_allclose(s.score(model, loader(x, batch_size=5)).numpy(), want, rtol=1e-12)
+
+
+def test_nac_four_layers_match_the_transcription(resnet_model):
+    model = copy.deepcopy(resnet_model).double().eval()
+    g = torch.Generator().manual_seed(15)
+    y = torch.arange(80) % 4
+    x_tr = torch.randn(80, 3, 32, 32, generator=g, dtype=torch.float64) + 0.5 * y[:, None, None, None]
+    x = torch.cat([torch.randn(5, 3, 32, 32, generator=g, dtype=torch.float64),
+                   3 * torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64)])
+    kw = dict(avgpool_O=2, avgpool_M=50, avgpool_sig_alpha=100, layer3_O=3, layer3_M=50, layer3_sig_alpha=10,
+              layer2_O=2, layer2_M=50, layer2_sig_alpha=0.5, layer1_O=4, layer1_M=20, layer1_sig_alpha=0.05)
+    s = create_score("nac", valid_num=40, **kw).fit(model, loader(x_tr, y, batch_size=16))
+    bb = model.backbone
+
+    def states(xx):  # explicit stage-by-stage forward; sums over positions, then the product
+        a1 = bb.layer1(bb.maxpool(bb.act1(bb.bn1(bb.conv1(xx)))))
+        a2 = bb.layer2(a1)
+        a3 = bb.layer3(a2)
+        h = bb.layer4(a3).mean(dim=(2, 3))
+        z = model.head.logits(h)
+        loss = -(torch.log_softmax(z, dim=1) / z.shape[1]).sum()
+        grads = torch.autograd.grad(loss, [h, a3, a2, a1])
+        out = [(h * grads[0]).detach().numpy()]
+        for t, gt in zip([a3, a2, a1], grads[1:]):
+            out.append((t.sum(dim=(2, 3)) * gt.sum(dim=(2, 3))).detach().numpy())
+        return out
+
+    fit_states, test_states = states(x_tr[s.subset_]), states(x)
+    want = np.mean([_nac_layer(f, t, kw[f"{ln}_O"], kw[f"{ln}_M"], kw[f"{ln}_sig_alpha"])
+                    for f, t, ln in zip(fit_states, test_states, ("avgpool", "layer3", "layer2", "layer1"))], axis=0)
+    np.testing.assert_allclose(s.score(model, loader(x, batch_size=3)).numpy(), want, rtol=1e-12)
+
+
+def test_nac_settings_grid_and_models():
+    grid = get_score_class("nac").GRID
+    assert np.prod([len(v) for v in grid.values()]) == 256  # the official CIFAR-10 sweep
+    for bad in ({"layer1_M": 51}, {"avgpool_O": 0}, {"layers": ("layer4",)}, {"valid_num": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_score("nac", **bad)
+    with pytest.raises(ScoreNotApplicable, match="head.logits"):  # the gradient at h
+        create_score("nac", layers=("avgpool",)).fit(ReluNet(), loader(_x(8, 0), torch.arange(8) % 4))
+    with pytest.raises(ScoreNotApplicable, match="feature_info"):  # layer1..3 need timm stages
+        create_score("nac", layers=("layer1",)).fit(ReluNet(), loader(_x(8, 0), torch.arange(8) % 4))
