@@ -151,7 +151,10 @@ class NAC(OODScore):
                 try:
                     info = stage_info(model)
                 except TypeError as err:
-                    raise ScoreNotApplicable(f"nac layer {ln} needs timm feature_info stages: {err}") from err
+                    raise ScoreNotApplicable(
+                        f"nac layer {ln} needs a timm backbone with feature_info stages; "
+                        f"{type(backbone_of(model)).__name__} has none (layers=('avgpool',) uses the penultimate "
+                        "features alone)") from err
             if len(info) < -ref:
                 raise ScoreNotApplicable(f"nac layer {ln} is stage {ref} from the end; the backbone has {len(info)} stages")
             out[ln] = info[ref]["module"]

@@ -60,7 +60,8 @@ class RankFeat(OODScore):
         try:
             info = stage_info(model)
         except TypeError as err:
-            raise ScoreNotApplicable(f"rankfeat needs a timm backbone with feature_info stages: {err}") from err
+            raise ScoreNotApplicable(f"rankfeat needs a timm backbone with feature_info stages; "
+                                     f"{type(backbone_of(model)).__name__} has none") from err
         if len(info) < 2:
             raise ScoreNotApplicable(f"rankfeat needs at least two backbone stages, the backbone has {len(info)}")
         return [info[-1]["module"], info[-2]["module"]]
