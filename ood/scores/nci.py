@@ -10,7 +10,7 @@ from torch import Tensor
 from lossbench.validation import check_positive
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, check_pair
+from .feature_base import Classifier, FeatureScore
 
 
 @register_score("nci")
@@ -40,11 +40,9 @@ class NCI(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "NCI":
-        h, _ = check_pair(train_features, train_logits, "train")
-        self.weight_ = self._need_classifier(classifier).weight
-        if self.weight_.shape[1] != h.shape[1]:
-            raise ValueError(f"classifier weight has width {self.weight_.shape[1]}, train features {h.shape[1]}")
-        self.mean_, self.width_ = h.mean(dim=0), int(h.shape[1])
+        h, _ = self._check_train(train_features, train_logits)  # also records width_ and num_classes_
+        self.weight_ = self._need_classifier(classifier, h).weight  # (num_classes_, width_), else an error
+        self.mean_ = h.mean(dim=0)
         self.fitted_ = True
         return self
 

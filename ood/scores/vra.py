@@ -11,7 +11,7 @@ from torch import Tensor
 from lossbench.validation import check_number
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair, energy
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, energy
 
 SOURCES = ("auto", "val", "train")
 RULES = ("clip", "vra")
@@ -93,27 +93,22 @@ class VRA(FeatureScore):
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], val_features: Optional[Tensor] = None,
                      val_logits: Optional[Tensor] = None, **kw: Any) -> "VRA":
-        train_features, _ = check_pair(train_features, train_logits, "train")
-        self.classifier_ = self._need_classifier(classifier)
-        d = int(train_features.shape[1])
+        train_features, _ = self._check_train(train_features, train_logits)  # records width_, num_classes_
+        self.classifier_ = self._need_classifier(classifier, train_features)
+        val = self._check_val(val_features, val_logits)  # both or neither, non-empty, the training width
         if self.low is not None and self.high is not None:
             acts, self.threshold_source_ = None, "given"
         else:
-            if self.source == "val" and val_features is None:
-                raise ScoreNotApplicable("vra with source='val' needs ID validation data (val_loader)")
-            use_val = val_features is not None and self.source in ("auto", "val")
-            if use_val:
-                acts, _ = check_pair(val_features, val_logits, "val")
-                if acts.shape[1] != d:
-                    raise ValueError(f"val features must have width {d} (the training width), got {tuple(acts.shape)}")
-            else:
-                acts = train_features
+            if self.source == "val" and val is None:
+                raise ScoreNotApplicable("vra with source='val' needs ID validation data (val_loader, or "
+                                         "val_features and val_logits)")
+            use_val = val is not None and self.source in ("auto", "val")
+            acts = val[0] if use_val else train_features
             self.threshold_source_ = "val" if use_val else "train"
         self.low_ = self._threshold(self.low, self.percentile_low, acts)
         self.high_ = self._threshold(self.high, self.percentile_high, acts)
         if bool((self.low_ > self.high_).any()):
             raise ScoreNotApplicable(f"vra: the lower threshold exceeds the upper one ({self.low_} > {self.high_})")
-        self.width_ = d
         self.fitted_ = True
         return self
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from lossbench.validation import check_number, check_positive
 
 from ..registry import register_score
-from .feature_base import Classifier, FeatureScore, ScoreNotApplicable, check_pair
+from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 
 #: The authors' OpenOOD sweep (``configs/postprocessors/weiper_kldiv.yml``, 3600 points), in its key order.
 WEIPER_GRID = {
@@ -151,12 +151,8 @@ class WeiPer(FeatureScore):
 
     def fit_features(self, train_features: Tensor, train_logits: Tensor, train_labels: Optional[Tensor],
                      classifier: Optional[Classifier], **kw: Any) -> "WeiPer":
-        h, _ = check_pair(train_features, train_logits, "train")
-        clf = self._need_classifier(classifier)
-        if clf.weight.shape[1] != h.shape[1]:
-            raise ValueError(f"classifier weight has width {clf.weight.shape[1]}, train features {h.shape[1]}")
-        if h.shape[0] == 0:
-            raise ValueError("train features are empty; WeiPer needs training densities")
+        h, _ = self._check_train(train_features, train_logits)  # non-empty; records width_, num_classes_
+        clf = self._need_classifier(classifier, h)  # (num_classes_, width_), else an error
         self.weights_ = perturbed_weights(clf.weight, self.delta, self.repeats, self.seed)
         self.bias_ = clf.bias
         self.range_h_ = (float(h.min()), float(h.max()))
@@ -171,7 +167,6 @@ class WeiPer(FeatureScore):
                 raise ScoreNotApplicable(f"weiper: the training {what} are constant ({a}); the histogram range is empty")
         dh, dz, _ = self._densities(h)
         self.reference_h_, self.reference_z_ = dh.mean(dim=0), dz.mean(dim=0)
-        self.width_ = int(h.shape[1])
         self.fitted_ = True
         return self
 
