@@ -257,8 +257,9 @@ def _loader(x, y=None, batch_size=8):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-#: Model-level settings for the 48-sample fit set: banks smaller than the official defaults' k / K.
-SMALL_FIT = {"knn": {"k": 5}, "nnguide": {"K": 5, "alpha": 1.0}}
+#: Model-level settings for the 48-sample fit set: banks smaller than the official defaults' k / K; NAC on
+#: the penultimate features alone (the tiny model has no timm stages for its other layers).
+SMALL_FIT = {"knn": {"k": 5}, "nnguide": {"K": 5, "alpha": 1.0}, "nac": {"layers": ("avgpool",)}}
 
 
 def _fit(name, model, x, y):

@@ -5,9 +5,10 @@ benchmark, builds nothing twice): top-1 accuracy and ECE (15 bins) on the test s
 the embedding quality of the penultimate test features, and every requested OOD score on every
 requested OOD set through :func:`ood.evaluate_ood`, and the calibration block (:func:`calibration_block`:
 every metric of :mod:`ood.calibration` on the test split before and after temperature scaling
-fitted on the validation split). :func:`evaluate_checkpoint` rebuilds a saved run first;
-:func:`write_report` writes ``metrics.json``, ``results.md``, ``roc.png``, ``hist.png`` and
-``reliability.png``.
+fitted on the validation split, and after the other calibrators), and the failure-detection block
+(:func:`failure_block`: AURC, AUGRC, ... of four confidences on the test predictions).
+:func:`evaluate_checkpoint` rebuilds a saved run first; :func:`write_report` writes ``metrics.json``,
+``results.md``, ``roc.png``, ``hist.png``, ``reliability.png`` and ``risk_coverage.png``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import torch.nn as nn
 
 import torch
 
-from ood import FeatureCache, FeaturePasses, create_score, evaluate_ood, list_scores
-from ood.calibration import TemperatureScaling, calibration_metrics, reliability_bins
+from ood import (
+    MSP, Energy, FeatureCache, FeaturePasses, MaxLogit, create_score, evaluate_ood, failure_metrics, list_scores,
+)
+from ood.calibration import (
+    HistogramBinning, IsotonicCalibration, MatrixScaling, TemperatureScaling, VectorScaling, calibration_metrics,
+    reliability_bins,
+)
 
 from ..errors import UserInputError
 from ..framework.builders import classification_metrics, load_run, make_loader, predict
@@ -28,7 +34,10 @@ from ..framework.data import DataBundle
 from ..framework.ood_sets import check_ood_sets, get_ood_dataset
 from ..framework.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from .embedding import embedding_quality
-from .report import calibration_markdown, markdown_table, plot_histograms, plot_reliability, plot_roc
+from .report import (
+    calibration_markdown, failure_markdown, markdown_table, plot_histograms, plot_reliability, plot_risk_coverage,
+    plot_roc,
+)
 
 DEFAULT_SYNTHETIC = ("gaussian", "uniform")
 #: Scores evaluated when none are named: the classic five (``'all'`` asks for every registered score).
@@ -72,23 +81,65 @@ def default_ood_sets(has_heldout: bool) -> list:
     return (["heldout"] if has_heldout else []) + list(DEFAULT_SYNTHETIC)
 
 
+#: The calibrators of the calibration block besides temperature scaling (name -> a fresh, unfitted one).
+CALIBRATORS = {"vector": VectorScaling, "matrix_odir": MatrixScaling, "histogram": HistogramBinning,
+               "isotonic": IsotonicCalibration}
+
+
 def calibration_block(test_logits: torch.Tensor, test_labels: torch.Tensor, val_logits: torch.Tensor,
                       val_labels: torch.Tensor, n_bins: int = 15) -> Dict[str, Any]:
     """Calibration of the test logits before and after temperature scaling fitted on the validation logits.
 
     ``{'n_bins', 'temperature', 'temperature_at_bound', 'fit_split': 'val', 'n_fit', 'val_nll_before',
-    'val_nll_after', 'before': {...}, 'after': {...}, 'reliability': {'before': bins, 'after': bins}}``,
-    the metric dicts being :func:`ood.calibration.calibration_metrics`.
+    'val_nll_after', 'before': {...}, 'after': {...}, 'reliability': {'before': bins, 'after': bins},
+    'calibrators': {name: {...}}, 'calibrator_fit': {name: {...}}}``, the metric dicts being
+    :func:`ood.calibration.calibration_metrics`. ``calibrators``: the test metrics after each of
+    :data:`CALIBRATORS` (defaults; fitted on the validation split like the temperature);
+    ``calibrator_fit``: what each fit chose (ODIR's lambda = mu, ...) and its validation NLL after.
     """
     ts = TemperatureScaling().fit(val_logits, val_labels)
     scaled = ts.transform(test_logits.double())
+    calibrators, fits = {}, {}
+    for name, make in CALIBRATORS.items():
+        cal = make().fit(val_logits, val_labels)
+        calibrators[name] = calibration_metrics(cal.transform(test_logits.double()), test_labels, n_bins)
+        fit = {"val_nll_after": cal.nll_after}
+        if isinstance(cal, MatrixScaling):
+            fit.update(lam=cal.lam, mu=cal.mu, converged=cal.converged)
+        elif isinstance(cal, VectorScaling):
+            fit.update(converged=cal.converged)
+        elif isinstance(cal, HistogramBinning):
+            fit.update(n_bins=cal.n_bins)
+        fits[name] = fit
     return {"n_bins": n_bins, "temperature": ts.temperature, "temperature_at_bound": ts.at_bound,
             "fit_split": "val", "n_fit": int(val_labels.numel()), "val_nll_before": ts.nll_before,
             "val_nll_after": ts.nll_after,
             "before": calibration_metrics(test_logits, test_labels, n_bins),
             "after": calibration_metrics(scaled, test_labels, n_bins),
             "reliability": {"before": reliability_bins(test_logits, test_labels, n_bins),
-                            "after": reliability_bins(scaled, test_labels, n_bins)}}
+                            "after": reliability_bins(scaled, test_labels, n_bins)},
+            "calibrators": calibrators, "calibrator_fit": fits}
+
+
+def failure_block(test_logits: torch.Tensor, test_labels: torch.Tensor, temperature: float,
+                  ties: str = "group") -> Dict[str, Any]:
+    """Failure detection on the test split: how well each confidence ranks the wrong predictions last.
+
+    correct = ``1[argmax = y]``; confidences (float64, higher = more trusted): ``msp`` (max softmax),
+    ``energy`` (negative energy, ``logsumexp`` of the logits), ``maxlogit``, ``msp_ts`` (max softmax
+    of ``logits / temperature``, the calibration block's temperature fitted on the validation split).
+    Returns ``{'split': 'test', 'n', 'error_rate', 'ties', 'temperature', 'scores': {name:
+    ood.failure_metrics(...)}, 'raw': {'correct': array, 'confidence': {name: array}}}``; ``raw``
+    feeds the risk-coverage plot and is left out of ``metrics.json``.
+    """
+    z = test_logits.detach().double().cpu()
+    correct = (z.argmax(dim=1) == test_labels.detach().cpu()).numpy()
+    conf = {"msp": MSP(), "energy": Energy(), "maxlogit": MaxLogit(), "msp_ts": MSP(temperature=temperature)}
+    conf = {name: score.score_logits(z).numpy() for name, score in conf.items()}
+    return {"split": "test", "n": int(correct.size), "error_rate": float(1.0 - correct.mean()), "ties": ties,
+            "temperature": float(temperature),
+            "scores": {name: failure_metrics(c, correct, ties=ties) for name, c in conf.items()},
+            "raw": {"correct": correct, "confidence": conf}}
 
 
 def split_ood_sets(ood_sets: Union[None, Sequence[str], Mapping[str, Sequence[str]]],
@@ -151,6 +202,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
     logits, feats, labels = test_d.logits, test_d.features, test_d.labels
     test = dict(classification_metrics(logits, labels), n=int(labels.numel()))
     calibration = calibration_block(logits, labels, val_d.logits, val_d.labels)
+    failure = failure_block(logits, labels, calibration["temperature"])
     if tta:
         tta_logits, tta_labels = predict(model, test_loader, next(model.parameters()).device, tta=tta)
         m = classification_metrics(tta_logits, tta_labels)
@@ -174,6 +226,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
                        ood_groups=groups, val_ood_loader=val_ood_loader, search=search, feature_passes=passes)
     result: Dict[str, Any] = {"test": test, "ood_sets": {k: len(v.dataset) for k, v in ood_loaders.items()},
                               "ood": ood, "calibration": calibration}
+    result["failure"] = failure
     if val_ood_loader is not None:
         result["val_ood"] = {"name": val_ood, "n": len(val_ood_loader.dataset), "search": bool(search)}
     if embedding_distance is not None:
@@ -215,6 +268,8 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     text = head + markdown_table(result["ood"])
     if "calibration" in result:
         text += "\n" + calibration_markdown(result["calibration"])
+    if "failure" in result:
+        text += "\n" + failure_markdown(result["failure"])
     return text
 
 
@@ -242,7 +297,7 @@ def load_scores(path: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
 
 def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) -> str:
     """Write ``metrics.json`` (without raw scores), ``results.md`` and (``plots``) ``roc.png``, ``hist.png``,
-    ``reliability.png``.
+    ``reliability.png``, ``risk_coverage.png``.
 
     Also ``scores.npz``: the per-sample scores behind every OOD metric, one array per
     ``"<score>|<set>|id"`` / ``"<score>|<set>|ood"`` (compressed; the same arrays the metrics were
@@ -255,6 +310,8 @@ def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) ->
     ood = result["ood"]
     metrics = {k: v for k, v in result.items() if k != "ood"}
     metrics["ood"] = {k: v for k, v in ood.items() if k != "scores"}
+    if "failure" in result:
+        metrics["failure"] = {k: v for k, v in result["failure"].items() if k != "raw"}
     if isinstance(metrics.get("checkpoint"), str):
         metrics["checkpoint"] = os.path.relpath(os.path.abspath(metrics["checkpoint"]), os.path.abspath(out_dir))
     metrics["provenance"] = provenance()
@@ -268,4 +325,6 @@ def write_report(result: Mapping[str, Any], out_dir: str, plots: bool = True) ->
         plot_histograms(ood, os.path.join(out_dir, "hist.png"))
         if "calibration" in result:
             plot_reliability(result["calibration"], os.path.join(out_dir, "reliability.png"))
+        if "failure" in result:
+            plot_risk_coverage(result["failure"], os.path.join(out_dir, "risk_coverage.png"))
     return text

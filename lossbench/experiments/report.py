@@ -1,5 +1,5 @@
-"""Reports of an evaluation: OOD tables, ROC curves, score histograms, the calibration table and the
-reliability diagram (matplotlib, Agg).
+"""Reports of an evaluation: OOD tables, ROC curves, score histograms, the calibration table, the
+reliability diagram, the failure-detection table and the risk-coverage curves (matplotlib, Agg).
 
 Raw scores have one shape everywhere: ``{score: {ood_set: {'id': array, 'ood': array}}}`` (the
 ``'scores'`` entry of :func:`ood.evaluate_ood`). Figures are written atomically.
@@ -176,17 +176,36 @@ CALIBRATION_ROWS = (("acc", "top-1 accuracy (%)", 100), ("ece", "ECE, equal-widt
                     ("brier", "Brier score", 1), ("nll", "NLL", 1))
 
 
+#: Column titles of the calibrators besides temperature scaling (``calibration_block``'s ``calibrators``).
+CALIBRATOR_LABELS = {"vector": "vector scaling", "matrix_odir": "matrix scaling (ODIR)",
+                     "histogram": "histogram binning", "isotonic": "isotonic"}
+
+
 def calibration_markdown(cal: Mapping[str, Any]) -> str:
-    """The calibration block: every metric before and after temperature scaling (see ``calibration_block``)."""
+    """The calibration block: every metric before and after temperature scaling (see ``calibration_block``),
+    and after each other calibrator when the block has them."""
     bound = " (at the search bound)" if cal.get("temperature_at_bound") else ""
+    others = list(cal.get("calibrators") or {})
     lines = [f"Calibration on the test split ({cal['before']['n']} images, {cal['n_bins']} bins), before and after "
              f"temperature scaling with T = {cal['temperature']:.4g}{bound} fitted on the validation split "
              f"({cal['n_fit']} images; NLL there {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}). "
              f"Reliability diagram: reliability.png.", "",
-             "| metric | before | after TS |", "|---|---|---|"]
+             "| metric | before | after TS |" + "".join(f" {CALIBRATOR_LABELS.get(n, n)} |" for n in others),
+             "|---|---|---|" + "---|" * len(others)]
     for key, label, mult in CALIBRATION_ROWS:
-        a, b = cal["before"][key], cal["after"][key]
-        lines.append(f"| {label} | {mult * a:.2f} | {mult * b:.2f} |" if mult == 100 else f"| {label} | {a:.4f} | {b:.4f} |")
+        vals = [cal["before"][key], cal["after"][key]] + [cal["calibrators"][n][key] for n in others]
+        cells = [f"{mult * v:.2f}" if mult == 100 else f"{v:.4f}" for v in vals]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if others:
+        fit = cal.get("calibrator_fit") or {}
+        odir = fit.get("matrix_odir", {})
+        lines += ["", "The other calibrators are fitted on the same validation split: vector scaling (Guo et al. "
+                  "2017, a scale and a bias per class), matrix scaling with off-diagonal and intercept "
+                  "regularisation (Kull et al. 2019"
+                  + (f"; lambda = mu = {odir['lam']:g} chosen by 5-fold cross-validation" if "lam" in odir else "")
+                  + "), histogram binning (15 equal-width bins) and isotonic regression, both one-vs-rest "
+                  "per class and renormalised (Zadrozny & Elkan 2001 / 2002); binning and isotonic maps can "
+                  "change the argmax, hence the accuracy."]
     return "\n".join(lines) + "\n"
 
 
@@ -254,3 +273,63 @@ def reliability_figure(cal: Mapping[str, Any]) -> Figure:
 def plot_reliability(cal: Mapping[str, Any], path: str) -> None:
     """:func:`reliability_figure` of the calibration block ``cal``, written atomically to ``path``."""
     atomic_save_figure(reliability_figure(cal), path)
+
+
+#: Row titles of the failure-detection table (``failure_block``'s confidences).
+FAILURE_LABELS = {"msp": "MSP", "energy": "negative energy", "maxlogit": "max logit", "msp_ts": "MSP after TS"}
+
+
+def failure_markdown(failure: Mapping[str, Any]) -> str:
+    """The failure-detection block: per confidence, AURC, E-AURC, AUGRC (%), the risk at the coverage and the
+    coverage at the risk asked for (see ``failure_block`` and :func:`ood.failure_metrics`)."""
+    scores = failure["scores"]
+    first = next(iter(scores.values()))
+    cov, risk = first["coverage"], first["risk"]
+    ties = {"group": "tied confidences accepted together (FD-Shifts)",
+            "sort": "ties split by input order (torch-uncertainty)"}.get(failure["ties"], failure["ties"])
+    lines = [f"Failure detection on the test split ({failure['n']} images, {100 * failure['error_rate']:.2f} % "
+             f"wrong): how well each confidence ranks the wrong predictions below the right ones. Areas under "
+             f"the risk-coverage curve (AURC; E-AURC = AURC minus that of a perfect ranking) and the generalized "
+             f"risk-coverage curve (AUGRC, Traub et al. 2024), in %, lower is better; {ties}. Curves: "
+             f"risk_coverage.png.", "",
+             f"| confidence | AURC | E-AURC | AUGRC | risk @ {100 * cov:g} % coverage | coverage @ {100 * risk:g} % risk |",
+             "|---|---|---|---|---|---|"]
+    for name, m in scores.items():
+        lines.append(f"| {FAILURE_LABELS.get(name, name)} | " + " | ".join(
+            f"{100 * m[k]:.2f}" for k in ("aurc", "eaurc", "augrc", "risk_at_coverage", "coverage_at_risk")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_risk_coverage(failure: Mapping[str, Any], path: str) -> None:
+    """Selective risk and generalized risk against coverage, one line per confidence, with the curve of a
+    perfect ranking; written atomically to ``path``. ``failure``: ``failure_block``'s output (with ``raw``)."""
+    from ood import risk_coverage_curve
+
+    raw = failure["raw"]
+    correct = np.asarray(raw["correct"])
+    ties = failure["ties"]
+    fig, axes = new_figure(2, cols=2, size=(5.0, 3.8))
+    # perfect ranking: every right prediction above every wrong one, all confidences distinct
+    oracle = risk_coverage_curve(np.linspace(1.0, 0.0, correct.size), np.sort(correct)[::-1], "group")
+    for name, conf in raw["confidence"].items():
+        curve = risk_coverage_curve(conf, correct, ties)
+        m = failure["scores"][name]
+        label = FAILURE_LABELS.get(name, name)
+        axes[0].plot(np.r_[0.0, curve["coverage"]], 100 * np.r_[curve["risk"][0], curve["risk"]],
+                     label=f"{label} (AURC {100 * m['aurc']:.2f} %)", linewidth=1.3)
+        axes[1].plot(np.r_[0.0, curve["coverage"]], 100 * np.r_[0.0, curve["generalized_risk"]],
+                     label=f"{label} (AUGRC {100 * m['augrc']:.2f} %)", linewidth=1.3)
+    axes[0].plot(oracle["coverage"], 100 * oracle["risk"], color="0.4", linestyle="--", linewidth=1,
+                 label="perfect ranking")
+    axes[1].plot(oracle["coverage"], 100 * oracle["generalized_risk"], color="0.4", linestyle="--", linewidth=1,
+                 label="perfect ranking")
+    for ax, what in zip(axes, ("selective risk (% wrong among accepted)", "generalized risk (% of all, wrong and accepted)")):
+        ax.set_xlabel("coverage (share of test images accepted)")
+        ax.set_ylabel(what)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_title("risk-coverage")
+    axes[1].set_title("generalized risk-coverage")
+    fig.tight_layout()
+    atomic_save_figure(fig, path)

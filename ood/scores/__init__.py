@@ -29,6 +29,15 @@ from .she import SHE
 from .fdbd import FDBD
 from .nnguide import NNGuide
 from .relation import Relation
+from .mds_norm import MDSNorm, RMDSNorm
+from .nci import NCI
+from .vra import VRA
+from .adascale import ADASCALE_GRID, ADASCALE_OFFICIAL_GRID, AdaSCALEA, AdaSCALEL
+from .iodin import IODIN
+from .weiper import WEIPER_GRID, WeiPer
+from .rankfeat import RankFeat
+from .gram import GRAM
+from .nac import NAC
 
 __all__ = [
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
@@ -37,5 +46,6 @@ __all__ = [
     "FeatureScore", "FeatureData", "Classifier", "ScoreNotApplicable", "collect_features", "resolve_classifier",
     "ReAct", "ASHP", "ASHB", "ASHS", "ash_p", "ash_b", "ash_s", "SCALE", "KNN", "ViM", "GEN",
     "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "gradnorm_closed_form", "SHE", "FDBD",
-    "NNGuide", "Relation",
+    "NNGuide", "Relation", "MDSNorm", "RMDSNorm", "NCI", "VRA", "AdaSCALEA", "AdaSCALEL",
+    "ADASCALE_GRID", "ADASCALE_OFFICIAL_GRID", "IODIN", "WeiPer", "WEIPER_GRID", "RankFeat", "GRAM", "NAC",
 ]

@@ -356,3 +356,29 @@ def test_every_ood_set_is_checked_before_any_cell_trains(tmp_path, monkeypatch, 
         run_benchmark(load_config(str(DIGITS), overrides), progress=False)
     assert isinstance(caught.value, UserInputError)  # bench.py prints it as one line, exit 2
     assert trained == [] and not (tmp_path / "out" / "runs").exists()
+
+
+def test_leaderboard_failure_columns():
+    def cell(aurc, augrc):
+        m = _metrics(0.9, 0.8, 0.6)
+        fm = {"aurc": aurc, "augrc": augrc, "eaurc": aurc / 2, "risk_at_coverage": 0.1, "coverage_at_risk": 0.5}
+        m["failure"] = {"scores": {"msp": fm, "energy": dict(fm, aurc=0.5)}}
+        return m
+
+    rows = summarize({"ce": {0: cell(0.04, 0.02), 1: cell(0.06, 0.04)}, "focal": {0: cell(0.03, 0.025)}})
+    assert rows["ce"]["stats"]["aurc"] == (pytest.approx(0.05), pytest.approx(np.std([0.04, 0.06], ddof=1)))
+    assert rows["ce"]["stats"]["failure/energy/aurc"][0] == pytest.approx(0.5)
+    md = leaderboard_markdown(rows, ["msp"], ["a", "b"], "paper")
+    header = next(l for l in md.splitlines() if l.startswith("| loss |"))
+    assert "| NLL |" not in header and "| MSP AURC | MSP AUGRC | P@1 |" in header
+    ce_row = next(l for l in md.splitlines() if l.startswith("| ce |"))
+    focal_row = next(l for l in md.splitlines() if l.startswith("| focal |"))
+    assert "| 5.0 ± 1.4 | 3.0 ± 1.4 |" in ce_row
+    assert "| **3.0** | **2.5** |" in focal_row and "risk-coverage curve" in md  # lower is better: bold
+    rows_csv = list(csv.DictReader(leaderboard_csv(rows).splitlines()))
+    assert float(rows_csv[0]["failure_msp_eaurc_mean"]) == pytest.approx(0.025)
+    from lossbench.experiments.benchmark.tables import compact_markdown
+    assert "| 5.0±1.4 / 3.0±1.4 |" in compact_markdown(rows, ["msp"])
+    # cells evaluated before the failure block existed: no AURC columns
+    old = leaderboard_markdown(summarize({"ce": {0: _metrics(0.9, 0.8, 0.6)}}), ["msp"], ["a", "b"], "paper")
+    assert "AURC" not in next(l for l in old.splitlines() if l.startswith("| loss |"))

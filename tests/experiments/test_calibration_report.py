@@ -1,12 +1,21 @@
-"""The calibration block of an evaluation: numbers, Markdown and the reliability diagram."""
+"""The calibration and failure-detection blocks of an evaluation: numbers, Markdown, the reliability
+diagram and the risk-coverage curves."""
 
+import json
 import math
 
+import numpy as np
+import pytest
 import torch
 
-from lossbench.experiments.evaluate_run import calibration_block
-from lossbench.experiments.report import RELIABILITY_LABELS, calibration_markdown, plot_reliability, reliability_figure
-from ood.calibration import expected_calibration_error
+from lossbench.experiments.evaluate_run import calibration_block, failure_block, write_report
+from lossbench.experiments.report import (
+    RELIABILITY_LABELS, calibration_markdown, failure_markdown, plot_reliability, plot_risk_coverage, reliability_figure,
+)
+from ood import failure_metrics, ood_metrics
+from ood.calibration import (
+    HistogramBinning, VectorScaling, calibration_metrics, expected_calibration_error, negative_log_likelihood,
+)
 
 
 def _logits(n, seed):
@@ -59,3 +68,53 @@ def test_reliability_bars_are_honest_in_both_directions_and_show_counts():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert set(legend) == set(RELIABILITY_LABELS.values())
     assert {"2", "2000"} <= {t.get_text() for t in ax.texts}  # samples per bin are shown
+
+
+def test_block_reports_every_calibrator_fitted_on_val(tmp_path):
+    val, val_y = _logits(1500, 0)
+    test, test_y = _logits(1500, 1)
+    cal = calibration_block(test, test_y, val, val_y)
+    assert set(cal["calibrators"]) == {"vector", "matrix_odir", "histogram", "isotonic"}
+    # each entry is the test metrics after that calibrator, fitted on the validation split only
+    hb = HistogramBinning().fit(val, val_y)
+    assert cal["calibrators"]["histogram"] == calibration_metrics(hb.transform(test), test_y)
+    vs = VectorScaling().fit(val, val_y)
+    assert math.isclose(cal["calibrators"]["vector"]["nll"], negative_log_likelihood(vs.transform(test), test_y),
+                        rel_tol=1e-6)
+    assert cal["calibrator_fit"]["matrix_odir"]["lam"] == cal["calibrator_fit"]["matrix_odir"]["mu"] > 0
+    for name, m in cal["calibrators"].items():  # over-confident by 3: every calibrator lowers ECE and NLL
+        assert m["ece"] < cal["before"]["ece"] and m["nll"] < cal["before"]["nll"], name
+    md = calibration_markdown(cal)
+    assert "| metric | before | after TS | vector scaling | matrix scaling (ODIR) | histogram binning | isotonic |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| ECE, equal-width (%) |"))
+    assert row.endswith(f"| {100 * cal['calibrators']['isotonic']['ece']:.2f} |")
+
+
+def test_failure_block_markdown_plot_and_metrics_json(tmp_path):
+    test, test_y = _logits(800, 2)
+    fail = failure_block(test, test_y, temperature=3.0)
+    correct = (test.argmax(1) == test_y).numpy()
+    assert fail["error_rate"] == pytest.approx(1 - correct.mean()) and fail["n"] == 800
+    # each confidence scored with ood.failure_metrics on the same correct / wrong predictions
+    msp = torch.softmax(test, 1).amax(1).numpy()
+    assert fail["scores"]["msp"] == failure_metrics(msp, correct)
+    ts = torch.softmax(test / 3.0, 1).amax(1).numpy()
+    assert fail["scores"]["msp_ts"] == failure_metrics(ts, correct)
+    assert fail["scores"]["energy"] == failure_metrics(torch.logsumexp(test, 1).numpy(), correct)
+    assert fail["scores"]["maxlogit"] == failure_metrics(test.amax(1).numpy(), correct)
+    md = failure_markdown(fail)
+    assert f"| MSP | {100 * fail['scores']['msp']['aurc']:.2f} | " in md and "coverage @ 5 % risk" in md
+    # through write_report: metrics.json keeps the numbers without the raw arrays, results.md the table
+    s_in, s_out = np.linspace(0, 1, 50), np.linspace(-1, 0.5, 40)
+    ood_res = {"convention": "paper", "results": {"msp": {"noise": ood_metrics(s_in, s_out)}},
+               "scores": {"msp": {"noise": {"id": s_in, "ood": s_out}}}}
+    result = {"test": {"n": 800, "acc": float(correct.mean()), "ece": 0.1, "loss": 1.0}, "ood_sets": {"noise": 40},
+              "ood": ood_res, "failure": fail}
+    text = write_report(result, str(tmp_path))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert "raw" not in saved["failure"] and saved["failure"]["scores"]["msp"]["aurc"] == fail["scores"]["msp"]["aurc"]
+    assert "Failure detection on the test split" in text and (tmp_path / "results.md").read_text() == text
+    png = (tmp_path / "risk_coverage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    plot_risk_coverage(fail, str(tmp_path / "again.png"))

@@ -121,6 +121,12 @@ def test_evaluate_model_with_groups_search_and_a_cache_that_skips_the_second_pas
     assert "gaussian" not in ood["results"]["msp"]  # the validation OOD set is not a test set
     md = report_markdown(first)
     assert "near mean" in md and "chosen by the grid search" in md
+    # the failure block: four confidences of the same test predictions, MSP-TS at the calibration temperature
+    fail = first["failure"]
+    assert set(fail["scores"]) == {"msp", "energy", "maxlogit", "msp_ts"} and second["failure"]["scores"] == fail["scores"]
+    assert fail["temperature"] == first["calibration"]["temperature"] and fail["n"] == first["test"]["n"]
+    assert fail["error_rate"] == pytest.approx(1 - first["test"]["acc"]) and "Failure detection" in md
+    assert set(first["calibration"]["calibrators"]) == {"vector", "matrix_odir", "histogram", "isotonic"}
     with pytest.raises(UserInputError, match="also a test OOD set"):
         evaluate_model(model, bundle, ood_sets=GROUPS, scores=["msp"], val_ood="uniform")
     with pytest.raises(UserInputError, match="needs val_ood"):

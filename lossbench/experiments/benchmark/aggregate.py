@@ -31,9 +31,10 @@ def set_label(name: str) -> str:
 def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
     """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r; from its calibration
     block (when present) ``ece_ts`` (ECE after temperature scaling), ``adaptive_ece``, ``brier``,
-    ``nll``, ``nll_ts``, ``temperature``; and per score ``<score>/auroc``, ``<score>/fpr95`` (means
-    over the OOD sets), ``<score>/<set>/auroc|fpr95`` and, with OOD groups,
-    ``<score>/group:<group>/auroc|fpr95`` (the group's mean)."""
+    ``nll``, ``nll_ts``, ``temperature``; from its failure block (when present) ``aurc``, ``augrc``,
+    ``eaurc`` of the MSP confidence and ``failure/<confidence>/<metric>`` of every confidence; and per
+    score ``<score>/auroc``, ``<score>/fpr95`` (means over the OOD sets), ``<score>/<set>/auroc|fpr95``
+    and, with OOD groups, ``<score>/group:<group>/auroc|fpr95`` (the group's mean)."""
     out = {"acc": metrics["test"]["acc"], "ece": metrics["test"]["ece"],
            "p_at_1": metrics["embedding"]["p_at_1"], "map_at_r": metrics["embedding"]["map_at_r"]}
     cal = metrics.get("calibration")
@@ -41,6 +42,14 @@ def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
         before, after = cal["before"], cal["after"]
         out.update(ece_ts=after["ece"], adaptive_ece=before["adaptive_ece"], brier=before["brier"],
                    nll=before["nll"], nll_ts=after["nll"], temperature=cal["temperature"])
+    failure = metrics.get("failure")
+    if failure is not None:
+        for conf, m in failure["scores"].items():
+            for key in ("aurc", "eaurc", "augrc", "risk_at_coverage", "coverage_at_risk"):
+                out[f"failure/{conf}/{key}"] = float(m[key])
+        if "msp" in failure["scores"]:
+            msp = failure["scores"]["msp"]
+            out.update(aurc=float(msp["aurc"]), augrc=float(msp["augrc"]), eaurc=float(msp["eaurc"]))
     for score, per_set in metrics["ood"]["results"].items():
         for key in ("auroc", "fpr95"):
             vals = [m[key] for m in per_set.values()]

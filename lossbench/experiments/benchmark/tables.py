@@ -11,9 +11,10 @@ from ..report import CONVENTION_NOTES
 
 
 METRIC_LABELS = {"acc": "acc", "ece": "ECE", "ece_ts": "ECE after TS", "adaptive_ece": "adaptive ECE",
-                 "brier": "Brier", "nll": "NLL", "p_at_1": "P@1", "map_at_r": "MAP@R"}
+                 "brier": "Brier", "nll": "NLL", "aurc": "MSP AURC", "augrc": "MSP AUGRC", "p_at_1": "P@1",
+                 "map_at_r": "MAP@R"}
 #: Columns where lower is better; the others (and AUROC) higher.
-LOWER_IS_BETTER = ("ece", "ece_ts", "adaptive_ece", "brier", "nll")
+LOWER_IS_BETTER = ("ece", "ece_ts", "adaptive_ece", "brier", "nll", "aurc", "augrc")
 #: Columns shown as plain numbers (3 decimals), not percentages.
 PLAIN = ("brier", "nll")
 
@@ -54,7 +55,10 @@ def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence
         f"the same after temperature scaling fitted on the validation split, adaptive ECE = 15 equal-mass "
         f"bins, Brier = multi-class Brier score (0-2), NLL = mean negative log-likelihood (not in %); for "
         f"these lower is better. "
-        f"P@1 / MAP@R = precision@1 / MAP@R of the penultimate test features retrieving their own class "
+        + ("MSP AURC / AUGRC = area under the (generalized) risk-coverage curve of the test predictions "
+           "ranked by their max softmax probability (failure detection: lower is better; tied confidences "
+           "accepted together, as FD-Shifts). " if "aurc" in present else "")
+        + f"P@1 / MAP@R = precision@1 / MAP@R of the penultimate test features retrieving their own class "
         f"(pytorch-metric-learning AccuracyCalculator). AUROC and FPR@95 of each OOD score are the mean "
         f"over the OOD sets {', '.join(ood_sets)}"
         + ("" if not groups else " (and per group: " + "; ".join(f"{g} = {', '.join(v)}" for g, v in groups.items())
@@ -160,7 +164,8 @@ def leaderboard_csv(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 def compact_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> str:
     """The leaderboard in one narrow table (``leaderboard_compact.md``): ECE before -> after temperature
-    scaling in one cell and each score's mean AUROC / FPR@95 in one cell (%, mean±std over seeds)."""
+    scaling in one cell, MSP's AURC / AUGRC in one, and each score's mean AUROC / FPR@95 in one cell
+    (%, mean±std over seeds)."""
     def f(r: Mapping[str, Any], key: str, percent: bool = True) -> str:
         if key not in r["stats"]:
             return "-"
@@ -169,11 +174,12 @@ def compact_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str
         d = 1 if percent else 3
         return f"{k * m:.{d}f}" + ("" if math.isnan(s) else f"±{k * s:.{d}f}")
 
-    head = ["loss", "acc", "ECE → after TS", "adaptive ECE", "Brier", "NLL", "P@1", "MAP@R"] + list(scores)
+    head = ["loss", "acc", "ECE → after TS", "adaptive ECE", "Brier", "NLL", "MSP AURC / AUGRC", "P@1",
+            "MAP@R"] + list(scores)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for loss, r in rows.items():
         cells = [f(r, "acc"), f"{f(r, 'ece')} → {f(r, 'ece_ts')}", f(r, "adaptive_ece"), f(r, "brier", False),
-                 f(r, "nll", False), f(r, "p_at_1"), f(r, "map_at_r")]
+                 f(r, "nll", False), f"{f(r, 'aurc')} / {f(r, 'augrc')}", f(r, "p_at_1"), f(r, "map_at_r")]
         cells += ["skipped" if s in (r.get("skipped") or {}) and f"{s}/auroc" not in r["stats"]
                   else f"{f(r, f'{s}/auroc')} / {f(r, f'{s}/fpr95')}" for s in scores]
         lines.append(f"| {loss} | " + " | ".join(cells) + " |")

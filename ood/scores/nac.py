@@ -1,0 +1,248 @@
+"""NAC-UE: neuron activation coverage of sigmoid(output x KL-gradient) states, against a training histogram."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lossbench.validation import check_positive
+
+from ..features import backbone_layout, backbone_of, penultimate_features, stage_info
+from ..registry import register_score
+from .base import OODScore, batches, concat_scores, eval_mode, model_device
+from .feature_base import ScoreNotApplicable, _logits_fn
+from .labelled_passes import balanced_subset, loader_labels, ordered_batches
+
+#: The four NAC layers of a ResNet and where they are here: the pooled penultimate features and
+#: the outputs of the last-but-one, -two and -three timm stages (layer3, layer2, layer1).
+LAYERS: Dict[str, Any] = {"avgpool": "penultimate", "layer3": -2, "layer2": -3, "layer1": -4}
+#: The official ImageNet ResNet-50 settings (``configs/postprocessors/nac/resnet/nac_imagenet.yml``).
+NAC_IMAGENET_RESNET50 = {
+    "avgpool_O": 10, "avgpool_M": 50, "avgpool_sig_alpha": 3000, "layer3_O": 500, "layer3_M": 50,
+    "layer3_sig_alpha": 300, "layer2_O": 50, "layer2_M": 500, "layer2_sig_alpha": 0.01,
+    "layer1_O": 5000, "layer1_M": 1000, "layer1_sig_alpha": 1,
+}
+#: The official ImageNet sweep (the same file), 144 points.
+NAC_IMAGENET_GRID = {
+    "avgpool_O": (10, 50, 500), "avgpool_M": (50, 500), "avgpool_sig_alpha": (3000,),
+    "layer3_O": (100, 500), "layer3_M": (50, 500), "layer3_sig_alpha": (50, 100, 300),
+    "layer2_O": (50, 500), "layer2_M": (500,), "layer2_sig_alpha": (0.01,),
+    "layer1_O": (5000,), "layer1_M": (500, 1000), "layer1_sig_alpha": (0.1, 1),
+}
+
+
+def nac_edges(m: int) -> Tensor:
+    """The official ``logspace(1e3, M)``: M bin edges on [0, 1.2], symmetric about 0.5 and densest near it."""
+    x = np.linspace(1.0, np.sqrt(1e3), m // 2)
+    left = np.log(x) / np.log(1e3)  # 0 ... 0.5
+    edges = np.concatenate([left[:-1], (1.0 - left)[::-1]])
+    edges[-1] += 1e-2
+    return torch.from_numpy(np.append(edges, 1.2))
+
+
+def bin_index(states: Tensor, edges: Tensor) -> Tensor:
+    """Interval ``[e_i, e_{i+1})`` of each state; ``len(edges) - 1`` (no interval) outside ``[e_0, e_last)``."""
+    idx = torch.bucketize(states.contiguous(), edges, right=True) - 1
+    n = edges.numel() - 1
+    return torch.where((idx >= 0) & (idx < n), idx, torch.full_like(idx, n))
+
+
+def _sum_pool(t: Tensor, fmt: str) -> Tensor:
+    """Sum over the spatial positions (NAC pools by a sum, not a mean) or over the tokens of a 3-D output."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 3:
+        return t.sum(dim=1)
+    if t.dim() == 4:
+        return t.sum(dim=(1, 2) if fmt == "NHWC" else (2, 3))
+    raise ValueError(f"cannot pool a layer output of shape {tuple(t.shape)}; expected 2-D to 4-D")
+
+
+@register_score("nac")
+class NAC(OODScore):
+    """NAC-UE score: the mean over layers and neurons of the training coverage of each neuron's state bin.
+
+    Liu, Tian, Li, Ma & Wang, "Neuron Activation Coverage: Rethinking Out-of-distribution
+    Detection and Generalization", ICLR 2024 (arXiv 2306.02879); official code BierOne/ood_coverage
+    (``openood/postprocessors/nac_postprocessor.py``, ``nac/coverage.py`` ``KMNC``/``Estimator``,
+    ``nac/instr_state.py::kl_grad``, ``nac/utils.py``).
+
+    * State of neuron j of a layer with output ``a``: ``s_j = sigmoid(alpha * o_j * g_j)``, ``o`` = the
+      output summed over its spatial positions (a **sum**, taken before the product), ``g`` = the
+      same sum of ``dL/da`` with ``L = sum_batch sum_k -(1/K) log softmax_k(z)`` (KL(u || p) + log K).
+    * Histogram: ``M`` edges :func:`nac_edges` (``M - 1`` intervals); ``n_ij`` = subset samples whose
+      state j falls in interval i; coverage ``c_ij = min(n_ij / O, 1)``.
+    * Score: per layer the mean over neurons of ``c_{bin(s_j), j}`` (0 outside the edges), then the
+      mean over layers.
+
+    Layers (``layers``): the official ResNet set ``avgpool`` (the pooled penultimate features),
+    ``layer3``, ``layer2``, ``layer1``, here the penultimate features and the last-but-one, -two and
+    -three timm ``feature_info`` stages (:data:`LAYERS`). Training data: a class-balanced subset of
+    the fit loader, ``min(int(valid_num / K), smallest class)`` per class (``valid_num = 1000``:
+    100 per class on CIFAR-10; official ``TrainSubset``, seeded here by ``seed``), correct and
+    wrong predictions alike. Per-layer defaults ``(O, M, sig_alpha)``: the official CIFAR-10 ResNet-18
+    file (``configs/postprocessors/nac/resnet/nac_cifar10.yml``): avgpool (50, 50, 100), layer3
+    (100, 500, 1000), layer2 (5, 50, 0.001), layer1 (100, 500, 0.001); ImageNet ResNet-50:
+    ``NAC_IMAGENET_RESNET50``. ``GRID``: the official CIFAR-10 sweep (256 points; the published runs
+    use it, selecting by AUROC on the validation OOD set); ImageNet: ``NAC_IMAGENET_GRID``.
+
+    States are computed in float64 (the official float32 sigmoid saturates to exactly 0 / 1 for
+    large ``sig_alpha``). ``M`` must be even (the official edge construction). A model without the
+    requested stages or without a head function ``head.logits`` (for the gradient at the
+    penultimate features) raises :class:`~ood.scores.feature_base.ScoreNotApplicable`. One
+    backward pass per batch; the fit reads the labels once, then forwards the subset.
+    """
+
+    name = "nac"
+    needs = "model"  # gradients of the layer outputs
+    GRID = {
+        "avgpool_O": (10, 50), "avgpool_M": (50,), "avgpool_sig_alpha": (100,),
+        "layer3_O": (100,), "layer3_M": (50, 500), "layer3_sig_alpha": (1000, 5000),
+        "layer2_O": (5, 10), "layer2_M": (50,), "layer2_sig_alpha": (0.001,),
+        "layer1_O": (5, 10, 50, 100), "layer1_M": (50, 500), "layer1_sig_alpha": (0.001, 0.005),
+    }
+
+    def __init__(self, layers: Sequence[str] = ("avgpool", "layer3", "layer2", "layer1"),
+                 avgpool_O: float = 50, avgpool_M: int = 50, avgpool_sig_alpha: float = 100,
+                 layer3_O: float = 100, layer3_M: int = 500, layer3_sig_alpha: float = 1000,
+                 layer2_O: float = 5, layer2_M: int = 50, layer2_sig_alpha: float = 0.001,
+                 layer1_O: float = 100, layer1_M: int = 500, layer1_sig_alpha: float = 0.001,
+                 valid_num: int = 1000, seed: int = 1):
+        if isinstance(layers, str) or not layers or any(l not in LAYERS for l in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be a non-empty sequence of distinct names from {tuple(LAYERS)}, got {layers!r}")
+        settings = {"avgpool": (avgpool_O, avgpool_M, avgpool_sig_alpha), "layer3": (layer3_O, layer3_M, layer3_sig_alpha),
+                    "layer2": (layer2_O, layer2_M, layer2_sig_alpha), "layer1": (layer1_O, layer1_M, layer1_sig_alpha)}
+        for ln, (o, m, a) in settings.items():
+            check_positive(o, f"{ln}_O")
+            check_positive(a, f"{ln}_sig_alpha")
+            if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 4 or m % 2:
+                raise ValueError(f"{ln}_M must be an even integer >= 4 (the number of bin edges), got {m!r}")
+        if isinstance(valid_num, bool) or not isinstance(valid_num, numbers.Integral) or valid_num < 1:
+            raise ValueError(f"valid_num must be an integer >= 1, got {valid_num!r}")
+        self.layers = tuple(layers)
+        self.avgpool_O, self.avgpool_M, self.avgpool_sig_alpha = float(avgpool_O), int(avgpool_M), float(avgpool_sig_alpha)
+        self.layer3_O, self.layer3_M, self.layer3_sig_alpha = float(layer3_O), int(layer3_M), float(layer3_sig_alpha)
+        self.layer2_O, self.layer2_M, self.layer2_sig_alpha = float(layer2_O), int(layer2_M), float(layer2_sig_alpha)
+        self.layer1_O, self.layer1_M, self.layer1_sig_alpha = float(layer1_O), int(layer1_M), float(layer1_sig_alpha)
+        self.valid_num, self.seed = int(valid_num), int(seed)
+
+    def _setting(self, ln: str) -> Tuple[float, int, float]:
+        return getattr(self, f"{ln}_O"), getattr(self, f"{ln}_M"), getattr(self, f"{ln}_sig_alpha")
+
+    # ------------------------------------------------------------------ states
+    def _resolve(self, model: nn.Module) -> Dict[str, Optional[str]]:
+        """Layer name -> timm stage module name (None for the penultimate features)."""
+        out: Dict[str, Optional[str]] = {}
+        info = None
+        for ln in self.layers:
+            ref = LAYERS[ln]
+            if ref == "penultimate":
+                if _logits_fn(model)[0] is None:
+                    raise ScoreNotApplicable("nac: the avgpool layer needs model.head.logits (the gradient at the "
+                                             f"penultimate features); {type(model).__name__} has none")
+                out[ln] = None
+                continue
+            if info is None:
+                try:
+                    info = stage_info(model)
+                except TypeError as err:
+                    raise ScoreNotApplicable(
+                        f"nac layer {ln} needs a timm backbone with feature_info stages; "
+                        f"{type(backbone_of(model)).__name__} has none (layers=('avgpool',) uses the penultimate "
+                        "features alone)") from err
+            if len(info) < -ref:
+                raise ScoreNotApplicable(f"nac layer {ln} is stage {ref} from the end; the backbone has {len(info)} stages")
+            out[ln] = info[ref]["module"]
+        return out
+
+    def states(self, model: nn.Module, x: Tensor) -> Dict[str, Tensor]:
+        """``{layer: o * g}`` ``(N, D_l)`` float64 of one batch (before the sigmoid)."""
+        modules = self._resolve(model)
+        fmt = backbone_layout(model)[0]
+        captured: Dict[str, Tensor] = {}
+        handles = []
+        backbone = backbone_of(model)
+        for ln, name in modules.items():
+            if name is None:
+                continue
+
+            def hook(_m, _inp, out, ln=ln):
+                t = out[0] if isinstance(out, (tuple, list)) else out
+                captured[ln] = t
+                return t.clone() if not isinstance(out, (tuple, list)) else out  # later in-place ops hit the copy
+
+            handles.append(backbone.get_submodule(name).register_forward_hook(hook))
+        fn, _ = _logits_fn(model)
+        try:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(x.is_floating_point())  # a graph even with frozen parameters
+                h = penultimate_features(model, x)
+                if "avgpool" in modules:
+                    captured["avgpool"] = h
+                z = fn(h) if fn is not None else model(x)
+                missing = [ln for ln in modules if ln not in captured]
+                if missing:
+                    raise ScoreNotApplicable(f"nac: layers {missing} did not run in the forward pass")
+                loss = (-torch.log_softmax(z, dim=1)).mean(dim=1).sum()  # sum_batch sum_k -(1/K) log p_k
+                names = list(modules)
+                grads = torch.autograd.grad(loss, [captured[ln] for ln in names])
+        finally:
+            for hd in handles:
+                hd.remove()
+        return {ln: _sum_pool(captured[ln].detach().double(), fmt) * _sum_pool(g.detach().double(), fmt)
+                for ln, g in zip(names, grads)}
+
+    # ------------------------------------------------------------------ fit / score
+    def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "NAC":
+        """Coverage of each layer's states on a class-balanced subset of ``loader`` (training data)."""
+        self._resolve(model)
+        labels = loader_labels(loader, "nac fit")
+        subset = balanced_subset(torch.cat(labels), self.valid_num, self.seed)
+        if not subset.any():
+            raise ScoreNotApplicable(f"nac: valid_num = {self.valid_num} leaves no training sample per class "
+                                     f"({torch.unique(torch.cat(labels)).numel()} classes)")
+        offsets = np.cumsum([0] + [t.numel() for t in labels])
+        counts: Dict[str, Tensor] = {}
+        self.edges_ = {ln: nac_edges(self._setting(ln)[1]) for ln in self.layers}
+        with eval_mode(model):
+            for i, x, _ in ordered_batches(loader, labels, model_device(model), "nac fit"):
+                sel = subset[offsets[i]:offsets[i + 1]]
+                if not sel.any():
+                    continue
+                for ln, st in self.states(model, x[sel.to(x.device)]).items():
+                    _, m, alpha = self._setting(ln)
+                    idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
+                    if ln not in counts:
+                        counts[ln] = torch.zeros(m, st.shape[1], dtype=torch.float64)  # row m - 1: outside
+                    counts[ln].scatter_add_(0, idx, torch.ones_like(st))
+        self.coverage_ = {}
+        for ln in self.layers:
+            o, m, _ = self._setting(ln)
+            cov = torch.clamp(counts[ln] / o, max=1.0)
+            cov[m - 1] = 0.0  # a state outside the edges covers nothing
+            self.coverage_[ln] = cov
+        self.subset_ = subset
+        self.widths_ = {ln: int(c.shape[1]) for ln, c in self.coverage_.items()}
+        return self
+
+    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
+        if getattr(self, "coverage_", None) is None:
+            raise RuntimeError("NAC is not fitted; call fit(model, loader) first")
+        parts = []
+        with eval_mode(model):
+            for x, _ in batches(loader, model_device(model)):
+                total = 0.0
+                for ln, st in self.states(model, x).items():
+                    if st.shape[1] != self.widths_[ln]:
+                        raise ValueError(f"nac layer {ln} has width {st.shape[1]}, the fit saw {self.widths_[ln]}; "
+                                         "score with the model it was fitted on")
+                    _, _, alpha = self._setting(ln)
+                    idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
+                    total = total + self.coverage_[ln].gather(0, idx).mean(dim=1)
+                parts.append(total / len(self.layers))
+        return concat_scores(parts, "nac score")
