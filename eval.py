@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from lossbench.errors import UserInputError
     from lossbench.experiments import evaluate_checkpoint, write_report
-    from lossbench.experiments.evaluate_run import check_score_kwargs, resolve_scores
+    from lossbench.experiments.evaluate_run import REPORT_FILES, check_score_kwargs, resolve_scores
 
     args = build_parser().parse_args(argv)
     ckpt = args.checkpoint or os.path.join(args.run, "best.pt")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                                  max_ood_samples=args.max_ood_samples, progress=not args.no_progress,
                                  val_ood=args.val_ood, search=args.search, feature_cache_dir=cache)
     print(write_report(result, out))
-    print(f"wrote metrics.json, results.md, roc.png, hist.png, reliability.png to {out}"
+    print(f"wrote {', '.join(REPORT_FILES)} to {out}"
           + (f"; feature cache in {cache}" if cache else ""))
     return 0
 

@@ -43,7 +43,11 @@ DEFAULT_SYNTHETIC = ("gaussian", "uniform")
 #: Scores evaluated when none are named: the classic five (``'all'`` asks for every registered score).
 DEFAULT_SCORES = ("energy", "mahalanobis", "maxlogit", "msp", "odin")
 #: Scores whose input pre-processing step is in pixel units (divided by the normalisation std).
-PIXEL_STEP_SCORES = ("odin", "mahalanobis")
+PIXEL_STEP_SCORES = ("odin", "iodin", "mahalanobis")
+#: The files :func:`write_report` writes (the plots only with ``plots=True``; the reliability diagram
+#: and risk-coverage curves where the result has calibration / failure blocks).
+REPORT_FILES = ("metrics.json", "results.md", "scores.npz", "roc.png", "hist.png", "reliability.png",
+                "risk_coverage.png")
 
 
 def resolve_scores(scores: Optional[Sequence[str]]) -> list:

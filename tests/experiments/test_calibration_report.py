@@ -117,4 +117,20 @@ def test_failure_block_markdown_plot_and_metrics_json(tmp_path):
     png = (tmp_path / "risk_coverage.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # REPORT_FILES (what eval.py says it wrote) names every file, and only those (no calibration block here)
+    from lossbench.experiments.evaluate_run import REPORT_FILES
+    assert {p.name for p in tmp_path.iterdir()} == set(REPORT_FILES) - {"reliability.png"}
     plot_risk_coverage(fail, str(tmp_path / "again.png"))
+
+
+def test_every_score_with_a_pixel_step_gets_the_data_std():
+    """i-ODIN took its step in normalised units under eval.py: every score whose constructor takes
+    ``input_std`` must be in PIXEL_STEP_SCORES, so evaluate_model passes the normalisation std."""
+    import inspect
+
+    from lossbench.experiments.evaluate_run import PIXEL_STEP_SCORES
+    from ood import list_scores
+    from ood.registry import get_score_class
+
+    takes_std = {n for n in list_scores() if "input_std" in inspect.signature(get_score_class(n)).parameters}
+    assert takes_std and takes_std == set(PIXEL_STEP_SCORES)
