@@ -188,7 +188,7 @@ def test_train_ctrl_c_on_a_real_run(tmp_path):
     import signal
     import time
 
-    argv = [sys.executable, "train.py", "--model", "test_resnet", "--epochs", "50", "--no-progress",
+    argv = [sys.executable, "train.py", "--model", "test_resnet", "--epochs", "5000", "--no-progress",
             "--output", str(tmp_path), "--name", "run"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "run" / "last.pt"
