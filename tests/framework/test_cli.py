@@ -190,13 +190,21 @@ def test_train_ctrl_c_on_a_real_run(tmp_path):
 
     argv = [sys.executable, "train.py", "--model", "test_resnet", "--epochs", "5000", "--no-progress",
             "--output", str(tmp_path), "--name", "run"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = tmp_path / "run" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert last.exists(), proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    # A shell's background job starts with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # give the child the default disposition so that this test also runs under `make test &`.
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        last = tmp_path / "run" / "last.pt"
+        deadline = time.time() + 300
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"the last finished epoch is in {last}" in err and "--resume" in err
