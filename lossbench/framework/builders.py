@@ -193,6 +193,21 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     }
 
 
+def check_loss_registered(loss: str, plugins: Optional[List[str]], checkpoint: str) -> None:
+    """The error for a run whose loss is not registered in this process: the registry's list of names,
+    and, when the run was trained with ``--plugin``, the plug-ins to pass again."""
+    from ..errors import UnknownNameError
+    from ..registry import get_loss_entry
+
+    try:
+        get_loss_entry(loss)
+    except UnknownNameError as err:
+        if plugins:
+            raise UnknownNameError(f"checkpoint {checkpoint!r}: {err}; the run was trained with --plugin "
+                                   f"{' --plugin '.join(plugins)}: pass the same --plugin") from None
+        raise
+
+
 def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
     """Rebuild the model, configuration and data of a saved run from its checkpoint file (a full
     ``last.pt``, a weights-only ``best.pt`` or an older ``best.pt`` with the training state)."""
@@ -200,6 +215,7 @@ def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argpars
     state = load_checkpoint(checkpoint, required=WEIGHTS_KEYS)
     args = from_dict(state["config"])
     args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
+    check_loss_registered(args.loss, getattr(args, "plugin", None), checkpoint)  # before the data is loaded
     bundle = load_bundle(args)
     model = build_model(args, bundle)
     try:

@@ -20,7 +20,7 @@ from .io import atomic_write_bytes
 FORMAT_VERSION = 1
 #: Options that may differ between a run and its resumption: they control how it runs, not what it computes.
 RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile",
-                    "decode_once", "cache_dir", "device_augment", "tta")
+                    "decode_once", "cache_dir", "device_augment", "tta", "plugin")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "global_step", "config")
 #: What evaluating a checkpoint needs (:func:`~lossbench.framework.builders.load_run`): ``best.pt`` holds
 #: these (and the run's record: metrics, log, classes) but no training state.
