@@ -323,6 +323,9 @@ def build_any_model(name: Optional[str], weights: Optional[WeightsFile], num_cla
         from ..framework.models import create_model
 
         ckpt = weights.checkpoint or {}
+        if model_kwargs:
+            raise UserInputError(f"--model-kwargs does not apply to --weights {weights.path!r}, a lossbench "
+                                 f"checkpoint: its configuration builds the model")
         args = from_dict(ckpt["config"])
         if name is not None and name != args.model:
             raise UserInputError(f"--model {name!r}, but --weights {weights.path!r} is a lossbench checkpoint of "

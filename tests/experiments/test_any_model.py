@@ -180,6 +180,9 @@ def test_lossbench_checkpoints_full_and_weights_only(tmp_path, capsys):
     line = _error_line(capsys, ["--model", "resnet18", "--weights", str(tmp_path / "last.pt"), "--out", str(out)]
                        + DIGITS)
     assert "is a lossbench checkpoint of 'test_resnet'" in line
+    line = _error_line(capsys, ["--weights", str(tmp_path / "last.pt"), "--model-kwargs", '{"img_size": 8}',
+                                "--out", str(out)] + DIGITS)
+    assert "--model-kwargs does not apply" in line
 
 
 def test_weights_that_do_not_fit_are_one_line_naming_file_and_keys(tmp_path, capsys):
