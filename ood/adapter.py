@@ -103,40 +103,58 @@ def _traced(model: nn.Module) -> AdaptedClassifier:
                           "(pip install torchvision), or pass features= and head=") from err
     was_training = model.training
     try:
-        _, eval_nodes = get_graph_node_names(model)
+        train_nodes, eval_nodes = get_graph_node_names(model)
     except Exception as err:  # tracing fails on data-dependent control flow
         raise AdaptError(f"{type(model).__name__} could not be traced to find its penultimate layer "
                          f"({type(err).__name__}: {err}); pass features= and head= callables") from None
     finally:
         model.train(was_training)
-    last = eval_nodes[-1]
-    gm = create_feature_extractor(model, return_nodes={last: "out"})
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # torchvision's extractor holds one graph per mode and swaps them on .train()/.eval(): both are
+    # rewritten to return the final linear layer's input, so the adapter works whichever mode the model
+    # was in when adapted (a model adapted in training mode is then evaluated in eval mode).
+    gm = create_feature_extractor(model, train_return_nodes={train_nodes[-1]: "out"},
+                                  eval_return_nodes={eval_nodes[-1]: "out"})
+    modules = dict(model.named_modules())
+    linear_name = _rewrite_output(gm.eval_graph, model, modules)  # what scoring uses: must be a linear layer
+    try:
+        _rewrite_output(gm.train_graph, model, modules, expect=linear_name)
+    except AdaptError:  # e.g. auxiliary outputs in training mode only: features() says so in that mode
+        pass
+    gm.recompile()  # the current mode's graph; the other is compiled when .train()/.eval() swaps it in
+    fx = gm
+
+    def features(x: Tensor) -> Tensor:
+        fx.train(model.training)
+        out = fx(x)
+        if not isinstance(out, dict) or "features" not in out:
+            raise AdaptError(f"{type(model).__name__} in training mode does not end in its final linear layer "
+                             f"{linear_name!r}; put it in eval mode (model.eval()) to take its features")
+        return out["features"]
+
+    adapted = AdaptedClassifier(model, features, modules[linear_name],
+                                f"{type(model).__name__}: input of its final linear layer {linear_name!r}")
+    adapted.add_module("_extractor", fx)
+    return adapted
+
+
+def _rewrite_output(graph, model: nn.Module, modules: dict, expect: Optional[str] = None) -> str:
+    """Make ``graph`` (one mode's graph of the extractor) return ``{'features': input of the final
+    linear layer}``; the name of that layer, or :class:`AdaptError` (graph unchanged) when the output
+    is not an ``nn.Linear`` call (or not layer ``expect``)."""
+    out_node = next(n for n in graph.nodes if n.op == "output")
     value = out_node.args[0]
     producer = value["out"] if isinstance(value, dict) else value
-    modules = dict(model.named_modules())
+    if expect is not None and (producer.op != "call_module" or str(producer.target) != expect):
+        raise AdaptError(f"the training-mode graph does not end in {expect!r}")
     if producer.op != "call_module" or not isinstance(modules.get(str(producer.target)), nn.Linear):
         what = f"{producer.op} {producer.target}"
         if producer.op == "call_module":
             what += f" ({type(modules.get(str(producer.target))).__name__})"
         raise AdaptError(f"{type(model).__name__}'s output is produced by {what}, not by an nn.Linear layer; "
                          "pass features= (x -> penultimate features) and head= (features -> logits)")
-    linear_name = str(producer.target)
-    h_node = producer.args[0]
-    out_node.args = ({"features": h_node},)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    gm.train(model.training)
-    fx = gm
-
-    def features(x: Tensor) -> Tensor:
-        fx.train(model.training)
-        return fx(x)["features"]
-
-    adapted = AdaptedClassifier(model, features, modules[linear_name],
-                                f"{type(model).__name__}: input of its final linear layer {linear_name!r}")
-    adapted.add_module("_extractor", fx)
-    return adapted
+    out_node.args = ({"features": producer.args[0]},)
+    graph.eliminate_dead_code()
+    return str(producer.target)
 
 
 _ADAPTED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()

@@ -17,7 +17,7 @@ from ood.calibration import expected_calibration_error
 
 from ..losses.base import Head
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import WEIGHTS_KEYS, CheckpointError, load_checkpoint
 from .config import from_dict
 from .augment import AugmentSpec, resolve_augment_mode
 from .data import DataBundle, get_data, native_channels
@@ -193,12 +193,29 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[s
     }
 
 
+def check_loss_registered(loss: str, plugins: Optional[List[str]], checkpoint: str) -> None:
+    """The error for a run whose loss is not registered in this process: the registry's list of names,
+    and, when the run was trained with ``--plugin``, the plug-ins to pass again."""
+    from ..errors import UnknownNameError
+    from ..registry import get_loss_entry
+
+    try:
+        get_loss_entry(loss)
+    except UnknownNameError as err:
+        if plugins:
+            raise UnknownNameError(f"checkpoint {checkpoint!r}: {err}; the run was trained with --plugin "
+                                   f"{' --plugin '.join(plugins)}: pass the same --plugin") from None
+        raise
+
+
 def load_run(checkpoint: str, device: str = "auto") -> Tuple[Classifier, argparse.Namespace, DataBundle, Dict[str, Any]]:
-    """Rebuild the model, configuration and data of a saved run from its checkpoint file."""
+    """Rebuild the model, configuration and data of a saved run from its checkpoint file (a full
+    ``last.pt``, a weights-only ``best.pt`` or an older ``best.pt`` with the training state)."""
     dev = select_device(device)  # a device that is not there: said before anything is loaded
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, required=WEIGHTS_KEYS)
     args = from_dict(state["config"])
     args.pretrained, args.pretrained_file = False, None  # weights come from the checkpoint
+    check_loss_registered(args.loss, getattr(args, "plugin", None), checkpoint)  # before the data is loaded
     bundle = load_bundle(args)
     model = build_model(args, bundle)
     try:

@@ -20,8 +20,14 @@ from .io import atomic_write_bytes
 FORMAT_VERSION = 1
 #: Options that may differ between a run and its resumption: they control how it runs, not what it computes.
 RUN_CONTROL_KEYS = ("resume", "no_progress", "stop_after_epochs", "device", "workers", "output", "compile",
-                    "decode_once", "cache_dir", "device_augment", "tta")
+                    "decode_once", "cache_dir", "device_augment", "tta", "plugin")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "global_step", "config")
+#: What evaluating a checkpoint needs (:func:`~lossbench.framework.builders.load_run`): ``best.pt`` holds
+#: these (and the run's record: metrics, log, classes) but no training state.
+WEIGHTS_KEYS = ("format_version", "model", "epoch", "config")
+#: The state only resuming needs; :func:`weights_only` drops it (a weights-only ``best.pt`` is about a
+#: third of ``last.pt`` for an AdamW run, whose two moment buffers are each the size of the weights).
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "averager", "rng")
 
 
 class CheckpointError(UserInputError, RuntimeError):
@@ -34,8 +40,21 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def weights_only(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state`` without the training state (:data:`TRAINING_STATE_KEYS`): what ``best.pt`` holds.
+
+    The weights, configuration, epoch, step, best accuracy and log stay, so the file evaluates
+    (:func:`~lossbench.framework.builders.load_run`) and says which epoch it is (:func:`stale_best`);
+    resuming always reads ``last.pt``, which keeps everything.
+    """
+    return {k: v for k, v in state.items() if k not in TRAINING_STATE_KEYS}
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu", required: Iterable[str] = REQUIRED_KEYS) -> Dict[str, Any]:
     """Load a checkpoint; a missing, truncated, damaged, corrupt or foreign file raises :class:`CheckpointError`.
+
+    ``required``: the keys it must hold (default: a full training state, as resuming needs;
+    :data:`WEIGHTS_KEYS` for evaluation, which also accepts a weights-only ``best.pt``).
 
     Every member's CRC-32 is checked first (:func:`lossbench.integrity.zip_damage`), so a flipped
     byte or a zeroed block inside a tensor record is an error, not silently different weights.

@@ -18,6 +18,7 @@ from .augment import AUGMENT_MODES, AUTO_AUGMENTS, FLIP_MODES, PAD_MODES, resolv
 from .averaging import AVERAGING_MODES
 from .tta import TTA_LEVELS
 from .cli import list_type, parse_list
+from .plugins import add_plugin_option, load_plugins, plugin_list
 from .mixup import check_soft_targets
 
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True, help="SyncBatchNorm under DDP on GPUs")
     g.add_argument("--keep", default="best", choices=["best", "last"], help="what best.pt holds: the epoch of best validation accuracy, or the last epoch (recipes whose final weights are the average)")
+    add_plugin_option(g)
     g.add_argument("--stop-after-epochs", type=int, default=None, help="exit after this many epochs of this invocation (for tests of resume)")
     return p
 
@@ -188,6 +190,11 @@ def apply_config(parser: argparse.ArgumentParser, data: Dict[str, Any], source: 
             raise ConfigError(f"unknown config key {key!r} in {source}; valid keys are: {', '.join(valid)}")
         if dest == "loss_args" and value is not None and not isinstance(value, dict):
             raise ConfigError(f"config key 'loss_args' in {source} must be a mapping, got {value!r}")
+        if dest == "plugin":
+            try:
+                value = plugin_list(value)
+            except UserInputError as err:
+                raise ConfigError(f"{err} in {source}") from None
         if dest == "id_classes" and value is not None:
             try:
                 value = parse_list(value, int, "id_classes")
@@ -198,12 +205,16 @@ def apply_config(parser: argparse.ArgumentParser, data: Dict[str, Any], source: 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Resolve the configuration: defaults < ``--config`` file < command-line flags."""
+    """Resolve the configuration: defaults < ``--config`` file < command-line flags.
+
+    The ``plugin`` modules (file and flags) are imported before :func:`validate` checks the loss name.
+    """
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         apply_config(parser, load_yaml(pre.config), pre.config)
     args = parser.parse_args(argv)
+    load_plugins(args.plugin)
     validate(args)
     return args
 

@@ -92,14 +92,18 @@ def _stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int)
 
 
 def _digits(spec_size: int, seed: int, id_classes: Optional[Sequence[int]], val_fraction: float,
-            test_fraction: float, aug: AugmentSpec = NO_AUGMENT) -> DataBundle:
+            test_fraction: float, aug: AugmentSpec = NO_AUGMENT, channels: Optional[int] = None,
+            mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> DataBundle:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(spec_size, spec_size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    mean, std, ch = _STATS["digits"]
-    spec = ImageSpec(ch, spec_size, mean, std)
+    m0, s0, ch = _STATS["digits"]
+    ch = channels or ch
+    if ch == 3:  # grey replicated, as torchvision's Grayscale(3) does for a 3-channel model
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    spec = ImageSpec(ch, spec_size, *resolve_stats(m0, s0, ch, mean, std))
     x = spec.normalize(x)
     y = np.asarray(d.target, dtype=np.int64)
     id_classes = list(range(6)) if id_classes is None else list(id_classes)
@@ -201,7 +205,8 @@ def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 3
              val_fraction: float = 0.1, test_fraction: float = 0.2, download: bool = False,
              max_train_samples: Optional[int] = None, augment: Optional[AugmentSpec] = None,
              test_folder: Optional[str] = None, decode_once: bool = True,
-             cache_dir: Optional[str] = None) -> DataBundle:
+             cache_dir: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+             std: Optional[Sequence[float]] = None) -> DataBundle:
     """Load the in-distribution data set ``name`` with deterministic splits.
 
     ``digits`` keeps classes 0-5 in-distribution and returns 6-9 as the ``heldout`` OOD set unless
@@ -212,11 +217,12 @@ def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 3
     ``test``, the OOD sets and ``bundle.train_eval`` (the same training samples, un-augmented) never
     get it. ``test_folder`` takes an image folder's test split from another folder (same classes).
     ``decode_once`` decodes an image folder once into a uint8 tensor (identical pixels), optionally
-    cached on disk in ``cache_dir``.
+    cached on disk in ``cache_dir``. ``mean`` / ``std`` (both or neither; one value per channel, or
+    one for all) replace the data set's own normalisation, e.g. by the one a pretrained model expects.
     """
     aug = augment or NO_AUGMENT
     bundle = _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction, download,
-                       aug, test_folder, decode_once, cache_dir)
+                       aug, test_folder, decode_once, cache_dir, mean, std)
     if max_train_samples is not None:
         if max_train_samples < bundle.num_classes:
             raise ValueError(f"max_train_samples must be >= the number of classes ({bundle.num_classes}), "
@@ -235,7 +241,8 @@ def get_data(name: str = "digits", root: Optional[str] = None, img_size: int = 3
 
 
 def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, test_fraction,
-              download, aug=NO_AUGMENT, test_folder=None, decode_once=True, cache_dir=None) -> DataBundle:
+              download, aug=NO_AUGMENT, test_folder=None, decode_once=True, cache_dir=None, mean=None,
+              std=None) -> DataBundle:
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"val_fraction and test_fraction must be in (0, 1) with sum < 1, got {val_fraction}, {test_fraction}"
@@ -244,15 +251,14 @@ def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, te
     if test_folder is not None and not key.startswith("imagefolder:"):
         raise ValueError(f"test_folder applies to imagefolder:<path> data only, got data {name!r}")
     if key == "digits":
-        if channels not in (None, 1):
-            raise ValueError(f"digits has 1 channel; channels={channels} is not supported")
-        return _digits(img_size, seed, id_classes, val_fraction, test_fraction, aug)
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3 (grey replicated) for digits, got {channels}")
+        return _digits(img_size, seed, id_classes, val_fraction, test_fraction, aug, channels, mean, std)
     root = root or default_data_root()
     if key in TORCHVISION_SETS:
-        mean, std, ch = _STATS[key]
+        m0, s0, ch = _STATS[key]
         ch = channels or ch
-        mean, std = _fit_stats(mean, std, ch)
-        spec = ImageSpec(ch, img_size, mean, std)
+        spec = ImageSpec(ch, img_size, *resolve_stats(m0, s0, ch, mean, std))
         train_base = _torchvision_split(key, root, True, download)
         test_base = _torchvision_split(key, root, False, download)
         classes = _classes(train_base)
@@ -261,10 +267,9 @@ def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, te
     if key.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
         train_base, test_base = _image_folder(path, test_folder)
-        mean, std, ch = _STATS["imagefolder"]
+        m0, s0, ch = _STATS["imagefolder"]
         ch = channels or ch
-        mean, std = _fit_stats(mean, std, ch)
-        spec = ImageSpec(ch, img_size, mean, std)
+        spec = ImageSpec(ch, img_size, *resolve_stats(m0, s0, ch, mean, std))
         classes = list(train_base.classes)
         if decode_once:
             train_base = _decoded(train_base, spec, cache_dir)
@@ -272,6 +277,41 @@ def _get_data(name, root, img_size, channels, seed, id_classes, val_fraction, te
         return _split_bundle(key, train_base, test_base, classes, spec, seed,
                              id_classes, val_fraction, test_fraction, aug)
     raise UnknownNameError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+
+
+def data_stats(name: str, channels: Optional[int] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...], int]:
+    """(mean, std, channels) :func:`get_data` normalises data set ``name`` with (no data is read)."""
+    key = str(name).lower()
+    key = "imagefolder" if key.startswith("imagefolder:") else key
+    if key not in _STATS:
+        raise UnknownNameError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+    mean, std, ch = _STATS[key]
+    ch = int(channels or ch)
+    return (*_fit_stats(mean, std, ch), ch)
+
+
+def resolve_stats(default_mean: Sequence[float], default_std: Sequence[float], channels: int,
+                  mean: Optional[Sequence[float]] = None,
+                  std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The normalisation of ``channels``-channel images: ``mean`` / ``std`` when given (one value, or one
+    per channel; finite, std > 0), else the data set's defaults fitted to ``channels``."""
+    import math
+
+    if mean is None and std is None:
+        return _fit_stats(default_mean, default_std, channels)
+    if mean is None or std is None:
+        raise UserInputError("mean and std must be given together (one value per channel, or one for all)")
+    out = []
+    for what, values in (("mean", mean), ("std", std)):
+        vals = [float(v) for v in values]
+        if len(vals) == 1:
+            vals = vals * channels
+        if len(vals) != channels or not all(math.isfinite(v) for v in vals):
+            raise UserInputError(f"{what} must hold 1 or {channels} finite values (one per channel), got {list(values)}")
+        if what == "std" and not all(v > 0 for v in vals):
+            raise UserInputError(f"std must be > 0 for every channel, got {list(values)}")
+        out.append(tuple(vals))
+    return out[0], out[1]
 
 
 def _fit_stats(mean, std, ch):

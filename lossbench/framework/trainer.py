@@ -13,7 +13,6 @@ import csv
 import io
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -26,11 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from .averaging import WeightAverager
 from .builders import (build_model, build_optimizer, build_scheduler, classification_metrics, load_bundle,
                        make_loader, predict, total_steps)
-from .checkpoint import CheckpointError, best_epoch_of, check_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import (WEIGHTS_KEYS, CheckpointError, best_epoch_of, check_resumable, load_checkpoint,
+                         save_checkpoint, weights_only)
 from .config import to_dict
 from .ood_sets import get_ood_dataset
 from .distributed import GlobalBatchSampler, all_reduce_sum, barrier, init_distributed
-from .io import atomic_write_bytes, atomic_write_text, remove_stale_temp_files
+from .io import atomic_write_text, remove_stale_temp_files
 from .augment import BatchAugment
 from .mixup import build_mixup, mix_batch, soft_target_loss
 from .models import Classifier
@@ -63,7 +63,7 @@ def _checkpoint_epoch(path: str) -> Optional[int]:
     if not os.path.exists(path):
         return None
     try:
-        return int(load_checkpoint(path)["epoch"])
+        return int(load_checkpoint(path, required=WEIGHTS_KEYS)["epoch"])
     except CheckpointError:
         return None
 
@@ -113,7 +113,8 @@ def build_outlier_loss(args: argparse.Namespace) -> nn.Module:
 
 
 class Trainer:
-    """One training run: folder ``<output>/<name>`` with ``config.yaml``, ``log.csv``, ``last.pt``, ``best.pt``.
+    """One training run: folder ``<output>/<name>`` with ``config.yaml``, ``log.csv``, ``last.pt`` (the full
+    state, for ``--resume``) and ``best.pt`` (weights, configuration and record; no optimiser state).
 
     Under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPUs): ``--batch-size``
     is the global batch, every rank gets its slice of the same global batches (see
@@ -243,7 +244,8 @@ class Trainer:
         ``fit`` writes ``last.pt`` first and derives ``best.pt`` and ``log.csv`` from the same state, so
         a run killed between those writes has them one epoch behind. ``log.csv`` is always rewritten from
         the state's log; when the state's own epoch is the best one and ``best.pt`` holds another epoch
-        (or is missing or unreadable), ``best.pt`` becomes a copy of ``last.pt``. A ``best.pt`` that
+        (or is missing or unreadable), ``best.pt`` is rewritten from ``last.pt`` (its weights-only part,
+        :func:`~lossbench.framework.checkpoint.weights_only`, as ``fit`` writes it). A ``best.pt`` that
         differs from an older best epoch cannot be restored from ``last.pt``: that is reported, not repaired.
         """
         notes: List[str] = []
@@ -257,9 +259,7 @@ class Trainer:
         was = "was missing" if held is None and not os.path.exists(path) else (
             "was unreadable" if held is None else f"held epoch {held}")
         if self.best_epoch == self.epoch:  # fit saved this very state to both files
-            last = os.path.join(self.run_dir, "last.pt")
-            with open(last, "rb") as src:
-                atomic_write_bytes(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            save_checkpoint(path, weights_only(load_checkpoint(os.path.join(self.run_dir, "last.pt"))))
             notes.append(f"best.pt brought up to epoch {self.best_epoch} (it {was})")
         else:
             notes.append(f"warning: best.pt {was}, but the best epoch is {self.best_epoch}; last.pt (epoch "
@@ -409,8 +409,8 @@ class Trainer:
                 # last.pt first: it is the record; best.pt and log.csv follow from it, and a run killed
                 # between these writes gets them back on --resume (sync_run_files).
                 save_checkpoint(last, state)
-                if improved:
-                    save_checkpoint(os.path.join(self.run_dir, "best.pt"), state)
+                if improved:  # the weights and the record; the training state lives in last.pt only
+                    save_checkpoint(os.path.join(self.run_dir, "best.pt"), weights_only(state))
                 self._write_log()
                 print(f"epoch {self.epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
                       f"val acc {val['acc']:.4f}  val ece {val['ece']:.4f}  ({row['seconds']:.1f}s)", flush=True)

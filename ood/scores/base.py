@@ -83,6 +83,21 @@ def concat_scores(parts: List[Tensor], what: str) -> Tensor:
 NEEDS = ("logits", "features", "model")
 
 
+def public_override(cls: type, base: type, public: str, private: str) -> None:
+    """Let a subclass ``cls`` of ``base`` define its formula under the documented, public name.
+
+    The checks live in ``base.<public>`` (input shapes, float64, finiteness), which calls the
+    formula ``<private>``. A class that defines ``<public>`` but not ``<private>`` has its method
+    moved to ``<private>`` and gets ``base``'s checked ``<public>`` back, so ``score_logits`` in a
+    user's class is the formula and its inputs are still checked.
+    """
+    own = cls.__dict__.get(public)
+    if own is None or private in cls.__dict__ or own is getattr(base, public):
+        return
+    setattr(cls, private, own)
+    setattr(cls, public, getattr(base, public))
+
+
 class OODScore(abc.ABC):
     """Base class of every OOD score: ``fit`` then ``score``; higher = more in-distribution.
 
@@ -136,9 +151,14 @@ class LogitScore(OODScore):
 
     needs = "logits"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        public_override(cls, LogitScore, "score_logits", "_score_logits")
+
     @abc.abstractmethod
     def _score_logits(self, logits: Tensor) -> Tensor:
-        """The formula on checked logits ``(N, C)``; returns ``(N,)``."""
+        """The formula on checked logits ``(N, C)``; returns ``(N,)``. A subclass may define it under
+        the public name ``score_logits`` instead (see :func:`public_override`)."""
 
     def score_logits(self, logits: Tensor) -> Tensor:
         """``(N,)`` scores from logits ``(N, C)``, computed in float64 (higher = in-distribution)."""

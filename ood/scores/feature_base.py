@@ -27,7 +27,7 @@ from torch import Tensor
 from lossbench.validation import check_finite, check_float, check_target
 
 from ..features import penultimate_features
-from .base import OODScore, batches, check_logits, eval_mode, model_device
+from .base import OODScore, batches, check_logits, eval_mode, model_device, public_override
 
 
 class ScoreNotApplicable(ValueError):
@@ -236,9 +236,14 @@ class FeatureScore(OODScore):
                      classifier: Optional[Classifier], **kw: Any) -> "FeatureScore":
         """Fit the training statistics; returns ``self``."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        public_override(cls, FeatureScore, "score_features", "_score_features")
+
     @abc.abstractmethod
     def _score_features(self, features: Tensor, logits: Tensor) -> Tensor:
-        """The formula on checked float64 tensors; returns ``(N,)``."""
+        """The formula on checked float64 tensors; returns ``(N,)``. A subclass may define it under the
+        public name ``score_features`` instead (:func:`~ood.scores.base.public_override`)."""
 
     def score_features(self, features: Tensor, logits: Tensor) -> Tensor:
         """``(N,)`` float64 scores from features ``(N, D)`` and logits ``(N, C)``; higher = in-distribution."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lossbench.framework.trainer as engine
-from lossbench.framework.checkpoint import best_epoch_of, load_checkpoint, save_checkpoint, stale_best
+from lossbench.framework.checkpoint import (WEIGHTS_KEYS, best_epoch_of, load_checkpoint, save_checkpoint, stale_best,
+                                           weights_only)
 from lossbench.framework.config import parse_args
 from lossbench.framework.trainer import Trainer
 
@@ -59,12 +60,12 @@ def test_kill_after_last_pt_then_resume_brings_best_and_log_up(tmp_path, monkeyp
     if kill_epoch == 1:  # the stale files the kill leaves behind
         assert not (run / "best.pt").exists() and not (run / "log.csv").exists()
     else:
-        assert load_checkpoint(str(run / "best.pt"))["epoch"] == 1 and _log(run) == [(1, 0.5)]
+        assert load_checkpoint(str(run / "best.pt"), required=WEIGHTS_KEYS)["epoch"] == 1 and _log(run) == [(1, 0.5)]
     monkeypatch.setattr(engine, "save_checkpoint", real)
     capsys.readouterr()
     Trainer(_args(tmp_path, kill_epoch, resume=True)).fit()  # no epoch left: resuming only repairs
-    last, best = load_checkpoint(str(run / "last.pt")), load_checkpoint(str(run / "best.pt"))
-    assert best["epoch"] == last["best_epoch"] == kill_epoch
+    last, best = load_checkpoint(str(run / "last.pt")), load_checkpoint(str(run / "best.pt"), required=WEIGHTS_KEYS)
+    assert best["epoch"] == last["best_epoch"] == kill_epoch and "optimizer" not in best
     for k in last["model"]:
         assert torch.equal(best["model"][k], last["model"][k]), k
     assert _log(run) == [(r["epoch"], r["val_acc"]) for r in last["log"]] == [(1, 0.5), (2, 0.7)][:kill_epoch]
@@ -112,7 +113,9 @@ def test_sync_rewrites_a_stale_best_from_last_and_the_log(tmp_path):
     save_checkpoint(str(tmp_path / "best.pt"), _ckpt(1, 1, 1.0))
     save_checkpoint(str(tmp_path / "last.pt"), _ckpt(2, 2, 2.0))
     assert _bare_trainer(tmp_path, 2, 2).sync_run_files() == ["best.pt brought up to epoch 2 (it held epoch 1)"]
-    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
+    best = load_checkpoint(str(tmp_path / "best.pt"), required=WEIGHTS_KEYS)
+    assert torch.equal(best["model"]["w"], torch.full((3,), 2.0)) and best["epoch"] == best["best_epoch"] == 2
+    assert "optimizer" not in best and "scheduler" not in best  # weights only, as fit writes it
     assert _log(tmp_path) == [(1, 0.1), (2, 0.2)]
     assert _bare_trainer(tmp_path, 2, 2).sync_run_files() == []  # now in step: nothing to do
 
@@ -121,7 +124,16 @@ def test_sync_replaces_a_damaged_best(tmp_path):
     save_checkpoint(str(tmp_path / "last.pt"), _ckpt(1, 1, 1.0))
     (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
     assert _bare_trainer(tmp_path, 1, 1).sync_run_files() == ["best.pt brought up to epoch 1 (it was unreadable)"]
-    assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == 1
+    assert load_checkpoint(str(tmp_path / "best.pt"), required=WEIGHTS_KEYS)["epoch"] == 1
+
+
+def test_sync_keeps_a_weights_only_best_that_is_up_to_date(tmp_path):
+    """Regression: a weights-only best.pt (no optimiser state) must read as 'held epoch N', not 'unreadable'."""
+    save_checkpoint(str(tmp_path / "last.pt"), _ckpt(2, 2, 2.0))
+    save_checkpoint(str(tmp_path / "best.pt"), weights_only(_ckpt(2, 2, 2.0)))
+    before = (tmp_path / "best.pt").read_bytes()
+    assert _bare_trainer(tmp_path, 2, 2).sync_run_files() == []
+    assert (tmp_path / "best.pt").read_bytes() == before
 
 
 def test_eval_run_refuses_a_stale_best(tmp_path, capsys):

@@ -65,6 +65,24 @@ def test_adapter_finds_the_final_linear_layer(family):
     assert LAYER[family] in adapted.source
 
 
+@pytest.mark.parametrize("family", ["resnet", "vit", "densenet"])
+def test_adapted_in_training_mode_then_evaluated(family):
+    """Regression: a model adapted while in training mode (as built) and then put in eval mode gave
+    ``KeyError: 'features'``: only the extractor's training-mode graph had been rewritten."""
+    model = _small(family)
+    assert model.training
+    adapted = adapt_classifier(model)
+    adapted.eval()
+    x = torch.randn(3, 3, 32, 32)
+    layer = dict(model.named_modules())[LAYER[family]]
+    with torch.no_grad():
+        h = adapted.features(x)
+        torch.testing.assert_close(layer(h), model(x))
+        torch.testing.assert_close(adapted(x), model(x))
+    adapted.train()  # and back: the training-mode graph ends in the same layer
+    assert adapted.features(x).shape == h.shape
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_score_runs_on_every_family(family):

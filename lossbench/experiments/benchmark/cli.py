@@ -7,6 +7,7 @@ import json
 from typing import Any, Dict, Optional, Sequence
 
 from ...framework.cli import list_type
+from ...framework.plugins import add_plugin_option, preload_plugins
 from .runner import run_benchmark
 from .schema import load_config
 
@@ -32,6 +33,7 @@ def build_parser_bench() -> argparse.ArgumentParser:
                    help='JSON object of further train.py options, e.g. \'{"batch_size": 128}\'')
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the leaderboard plots")
+    add_plugin_option(p)
     return p
 
 
@@ -48,6 +50,8 @@ def overrides_from(ns: argparse.Namespace) -> Dict[str, Any]:
     for key in ("epochs", "model", "img_size", "max_train_samples", "data_root", "device"):
         if getattr(ns, key) is not None:
             train[key] = getattr(ns, key)
+    if getattr(ns, "plugin", None):  # recorded in every cell's configuration (added to the config's own)
+        train["plugin"] = list(ns.plugin)
     if train:
         out["train"] = train
     return out
@@ -55,6 +59,7 @@ def overrides_from(ns: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``bench.py`` entry point: run the benchmark and print the leaderboard."""
+    preload_plugins(argv)  # before the config's loss and score names are checked
     ns = build_parser_bench().parse_args(argv)
     cfg = load_config(ns.config, overrides_from(ns))
     res = run_benchmark(cfg, progress=not ns.no_progress, plots=not ns.no_plots)

@@ -14,6 +14,7 @@ from ...errors import UserInputError
 from ...framework.cli import parse_list
 from ...framework.config import ConfigError, apply_config, build_parser, check_loss_args, load_yaml, validate
 from ...framework.ood_sets import ood_set_kind
+from ...framework.plugins import load_plugins, plugin_list
 from ...registry import list_losses
 from ..embedding import EMBEDDING_DISTANCES
 from ..evaluate_run import check_score_kwargs
@@ -130,6 +131,10 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
     if not isinstance(data.get("train") or {}, Mapping):
         raise ConfigError(f"'train' in {source} must be a mapping of train.py options, got {data['train']!r}")
     train = dict(data.get("train") or {})
+    try:  # the plug-ins first: they register loss and score names checked below
+        load_plugins(plugin_list(train.get("plugin")), f"train.plugin in {source}")
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
     per_cell = sorted(k for k in train if str(k).replace("-", "_") in PER_CELL_KEYS)
     if per_cell:
         raise ConfigError(f"train option(s) {per_cell} in {source} are set per cell by the benchmark; "
@@ -196,7 +201,11 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Ben
     data = dict(load_yaml(path))
     for key, value in (overrides or {}).items():
         if key == "train":
-            data["train"] = {**(data.get("train") or {}), **value}
+            old = data.get("train") or {}
+            data["train"] = {**old, **value}
+            if "plugin" in value and old.get("plugin"):  # both the config's plug-ins and the command line's
+                mine = plugin_list(old["plugin"])
+                data["train"]["plugin"] = mine + [p for p in plugin_list(value["plugin"]) if p not in mine]
         else:
             data[key] = value
     return resolve_config(data, path, os.path.dirname(os.path.abspath(path)))
