@@ -1,6 +1,7 @@
-"""OOD score timings: every feature score's fit and scoring time, KNN vs faiss, Mahalanobis, eval.py.
+"""OOD score timings: every feature score's and every model score's fit and scoring time, KNN vs faiss,
+Mahalanobis, eval.py.
 
-    python bench/ood.py                          # scores + knn tables: 50,000 x 512 train, 10,000 queries
+    python bench/ood.py                          # scores + knn + model tables: 50,000 x 512 train, 10,000 queries
     python bench/ood.py --part mahalanobis       # batched vs per-class-loop Mahalanobis, 100 classes
     python bench/ood.py --part model             # the scores that run the model: resnet10t, 2,000 + 1,000 images
     python bench/ood.py --checkpoint RUN/best.pt [-- extra eval.py arguments]
