@@ -1,7 +1,9 @@
-"""OOD score timings: every feature score's fit and scoring time, KNN vs faiss, Mahalanobis, eval.py.
+"""OOD score timings: every feature score's and every model score's fit and scoring time, KNN vs faiss,
+Mahalanobis, eval.py.
 
-    python bench/ood.py                          # scores + knn tables: 50,000 x 512 train, 10,000 queries
+    python bench/ood.py                          # scores + knn + model tables: 50,000 x 512 train, 10,000 queries
     python bench/ood.py --part mahalanobis       # batched vs per-class-loop Mahalanobis, 100 classes
+    python bench/ood.py --part model             # the scores that run the model: resnet10t, 2,000 + 1,000 images
     python bench/ood.py --checkpoint RUN/best.pt [-- extra eval.py arguments]
 
 Scores table: synthetic post-ReLU features (Gaussian class clusters, ``--classes`` classes) and a
@@ -9,6 +11,20 @@ least-squares linear head; fit = ``fit_features`` on the training features, scor
 ``score_features`` on the queries (median of ``--repeats``). KNN table: our exact torch search
 against faiss's exact ``IndexFlatL2`` (``pip install faiss-cpu``; skipped when absent) on the
 same normalised bank, with the largest score difference.
+
+Model-score table (``--part model``, part of the default run): every score with ``needs == 'model'``
+(its own passes through the network: input perturbation, input gradients, hooks on inner layers or
+extra forwards: ODIN, i-ODIN, Mahalanobis, AdaSCALE-A/-L, RankFeat, GRAM, NAC; GradNorm is a feature
+score here, in closed form on the penultimate features, so it is in the scores table) on a randomly
+initialised ``lossbench.framework.models.create_model(--model-arch, 10 classes, 'ce')`` (default
+resnet10t at 32 px without the small stem, the CPU CIFAR-10 track's network; ``--model-small-stem``
+for the GPU tracks' resnet18) in eval mode, with seeded N(0, 1) images and random labels; fit =
+``score.fit(model, train_loader, val_loader=val_loader)`` and score = ``score.score(model,
+query_loader)``, the calls :func:`ood.evaluate_ood` makes for such scores (``score.evaluate`` calls
+``score`` per loader). ODIN, i-ODIN and Mahalanobis get the CIFAR-10 std as ``input_std``, as the
+benchmark gives them the data's std (``PIXEL_STEP_SCORES``); Mahalanobis with a ``val_loader`` runs
+its ``validation`` protocol (FGSM samples, eps chosen on them) inside ``fit``. Besides wall seconds the
+table gives the process's CPU seconds (all threads), which depend less on other jobs sharing the cores.
 
 Mahalanobis table:
 Both implementations compute the same float64 quantities (the table shows their largest
@@ -38,6 +54,9 @@ from ood import Classifier, create_score, list_scores  # noqa: E402
 from ood.registry import get_score_class  # noqa: E402
 from ood.scores.feature_base import ScoreNotApplicable, l2_normalise  # noqa: E402
 from ood.scores.mahalanobis import fit_class_gaussian, mahalanobis_distances  # noqa: E402
+
+#: Per-channel std of CIFAR-10 (lossbench.framework.data): the ``input_std`` of the pixel-step scores.
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 #: Settings for the timing run where a default does not fit the synthetic data.
 BENCH_KWARGS = {"vim": {"dim": 256}}
@@ -170,10 +189,58 @@ def mahalanobis_table(a) -> None:
 
 
 
+def model_table(a) -> None:
+    """Fit and score time of every ``needs == 'model'`` score through its own ``fit`` / ``score``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lossbench.experiments.evaluate_run import PIXEL_STEP_SCORES
+    from lossbench.framework.models import create_model
+
+    torch.manual_seed(a.seed)
+    model = create_model(a.model_arch, a.classes, "ce", small_stem=a.model_small_stem).eval()
+    g = torch.Generator().manual_seed(a.seed)
+
+    def images(n: int) -> DataLoader:
+        x = torch.randn(n, 3, a.model_size, a.model_size, generator=g)
+        y = torch.randint(0, a.classes, (n,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=a.model_batch, shuffle=False)
+
+    train, val, queries = images(a.model_n), images(a.model_val), images(a.model_queries)
+    names = [n for n in list_scores() if get_score_class(n).needs == "model"]
+    if a.model_scores:
+        names = [n for n in names if n in a.model_scores.split(",")]
+    stem = ", small stem" if a.model_small_stem else ""
+    print(f"\nModel scores, {a.model_arch}{stem} (random weights, eval mode), {a.classes} classes, "
+          f"{a.model_n:,} training + {a.model_val:,} validation images ({a.model_size} px, random), "
+          f"{a.model_queries:,} queries, batch {a.model_batch}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads (median of {a.repeats})")
+    print("| score | settings | fit (s) | score (s) | queries/s | fit / score CPU (s) |")
+    print("|---|---|---|---|---|---|")
+
+    def cpu_timed(fn):
+        c0 = time.process_time()
+        t = timed(fn, a.repeats)[0]
+        return t, (time.process_time() - c0) / a.repeats
+
+    for n in names:
+        kw = {"input_std": CIFAR10_STD} if n in PIXEL_STEP_SCORES else {}
+        s = create_score(n, **kw)
+        try:
+            t_fit, c_fit = cpu_timed(lambda: s.fit(model, train, val_loader=val))
+            t_sc, c_sc = cpu_timed(lambda: s.score(model, queries))
+        except ScoreNotApplicable as err:
+            print(f"| {n} | skipped: {err} | | | | |", flush=True)
+            continue
+        info = {k: v for k, v in s.info().items() if k not in ("chunk", "input_std", "eps_grid")}
+        settings = ", ".join(f"{k}={v}" for k, v in info.items()) or "-"
+        print(f"| {n} | {settings} | {t_fit:.2f} | {t_sc:.2f} | {a.model_queries / t_sc:,.1f} | "
+              f"{c_fit:.2f} / {c_sc:.2f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("scores", "knn", "mahalanobis", "default", "all"), default="default",
-                   help="default: scores + knn")
+    p.add_argument("--part", choices=("scores", "knn", "model", "mahalanobis", "default", "all"), default="default",
+                   help="default: scores + knn + model")
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=512)
@@ -182,6 +249,15 @@ def main() -> None:
     p.add_argument("--maha-classes", type=int, default=100)
     p.add_argument("--baseline-samples", type=int, default=2_000)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--model-arch", default="resnet10t", help="timm name of the model-score table's backbone")
+    p.add_argument("--model-small-stem", action="store_true", help="the small-image stem (ResNets)")
+    p.add_argument("--model-n", type=int, default=2_000, help="training images of the model-score table")
+    p.add_argument("--model-val", type=int, default=500, help="ID validation images (val_loader)")
+    p.add_argument("--model-queries", type=int, default=1_000, help="images scored")
+    p.add_argument("--model-size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--model-batch", type=int, default=128)
+    p.add_argument("--model-scores", default="", help="comma-separated subset of the model scores (default: all)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="checkpoint to time eval.py on")
     p.add_argument("eval_args", nargs=argparse.REMAINDER, help="extra eval.py arguments after --")
     a = p.parse_args()
@@ -189,6 +265,8 @@ def main() -> None:
         scores_table(a)
     if a.part in ("knn", "default", "all"):
         knn_table(a)
+    if a.part in ("model", "default", "all"):
+        model_table(a)
     if a.part in ("mahalanobis", "all"):
         mahalanobis_table(a)
     if a.checkpoint:

@@ -4,11 +4,26 @@ and which scores rank above MSP in each, then the same per OOD set wherever Open
 
     python bench/openood_compare.py runs/bench_cifar10_cpu [--loss ce]
 
-OpenOOD's near / far numbers: its leaderboard file ``results/cifar10.csv`` (AUROC in %, mean over 3
-ResNet-18 checkpoints trained with cross-entropy; near = CIFAR-100 + Tiny-ImageNet, far = MNIST, SVHN,
-Textures, Places365). Ours: ``leaderboard.csv`` of a benchmark run with ``ood_sets: {near: ..., far: ...}``
+OpenOOD's near / far numbers (:data:`OPENOOD_CIFAR10`): OpenOOD's leaderboard file ``results/cifar10.csv``
+(branch ``leaderboard`` of zjysteven/OpenOOD, the same figures at commits 28d3a40 and 3d013d4; the rows with
+Training = ``CrossEntropy``, Arch = ResNet18, 100 epochs), AUROC in %, mean over 3 ResNet-18 checkpoints
+trained with cross-entropy except where the row is listed ±0.00 (fDBD, WeiPer+KLD, NCI: apparently one
+checkpoint; fDBD and NCI report ID accuracy 95.22 instead of the 3-checkpoint 95.06); near = CIFAR-100 +
+Tiny-ImageNet, far = MNIST, SVHN, Textures, Places365. The recent scores and the method each maps to:
+``nac`` = NAC, ``weiper`` = WeiPer+KLD, ``adascale_a`` = AdaSCALE-A and ``adascale_l`` = AdaSCALE-L (the
+CrossEntropy rows, 83.92 / 88.00 and 74.99 / 79.02; the ASCOOD-trained rows are another training),
+``nci`` = NCI, ``iodin`` = i-ODIN, ``rankfeat`` = RankFeat. Left out: ``vra`` (no leaderboard row),
+``mds_norm`` / ``rmds_norm`` (Mahalanobis++ / RMDS++: no CIFAR-10 row; their CIFAR figures use other
+checkpoints), ``gram`` (the leaderboard's ``Gram`` row, 58.66 / 71.73, predates OpenOOD's 2024 rewrite of
+GRAM, which ``gram`` here follows, so it measures another algorithm).
+
+Ours: ``leaderboard.csv`` of a benchmark run with ``ood_sets: {near: ..., far: ...}``
 (here near = Tiny-ImageNet only, far = MNIST, Textures, notMNIST), so the comparison is one of
 direction, not of numbers. Losses other than cross-entropy are compared with OpenOOD's CE column.
+The agreement count compares, for every score of :data:`OPENOOD_CIFAR10` but MSP whose near and far
+AUROCs both ran, its side of MSP (above / below) with OpenOOD's, near and far: 2 per score, so at most
+2 x 24 = 48 comparisons (34 before the 7 recent scores were added; a run without them still counts
+out of 34, as they show as skipped).
 
 Per-set comparison (:data:`PER_SET_SETS`): OpenOOD ``tin`` = our ``tinyimagenet_test``, ``mnist`` = our
 ``mnist``, ``texture`` (DTD) = our ``dtd-subset``, which is a 10-class subset of DTD, so that row
@@ -24,8 +39,9 @@ threads, each with its source in :data:`PER_SET_SOURCES`:
 No published per-set figure was found for MSP, ODIN, EBO, MDS, RMDS, GradNorm, ReAct, MLS, KLM, ViM,
 KNN, DICE, ASH, SHE or Relation (Relation's per-set CSVs exist only as attachments to OpenOOD pull
 request 207; KNN's only as a single-checkpoint run in fDBD's demo notebook, not the 3-checkpoint mean
-of the leaderboard). Without an OpenOOD per-set MSP figure OpenOOD's side of MSP per set is unknown,
-so the per-set agreement count stays empty (0 of 0) until one is added to :data:`OPENOOD_PER_SET`.
+of the leaderboard); per-set figures of the 7 recent scores were not searched for. Without an OpenOOD
+per-set MSP figure OpenOOD's side of MSP per set is unknown, so the per-set agreement count stays empty
+(0 of 0) until one is added to :data:`OPENOOD_PER_SET`.
 """
 
 from __future__ import annotations
@@ -36,7 +52,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-#: score name here -> (OpenOOD method, near AUROC, far AUROC), OpenOOD v1.5 results/cifar10.csv.
+#: score name here -> (OpenOOD method, near AUROC, far AUROC): OpenOOD's leaderboard ``results/cifar10.csv``
+#: (see the module docstring for the file, the rows and the scores left out).
 OPENOOD_CIFAR10 = {
     "msp": ("MSP", 88.03, 90.73), "odin": ("ODIN", 82.87, 87.96), "energy": ("EBO", 87.58, 91.21),
     "mds": ("MDS", 84.20, 89.72), "rmds": ("RMDS", 89.80, 92.20), "gradnorm": ("GradNorm", 54.90, 57.55),
@@ -44,6 +61,9 @@ OPENOOD_CIFAR10 = {
     "vim": ("ViM", 88.68, 93.48), "knn": ("KNN", 90.64, 92.96), "dice": ("DICE", 78.34, 84.23),
     "ash_b": ("ASH", 75.27, 78.49), "she": ("SHE", 81.54, 85.32), "gen": ("GEN", 88.20, 91.35),
     "scale": ("SCALE", 82.55, 86.39), "relation": ("Relation", 89.77, 92.21), "fdbd": ("fDBD", 90.42, 93.16),
+    "nac": ("NAC", 90.93, 94.60), "weiper": ("WeiPer+KLD", 90.54, 93.12),
+    "adascale_a": ("AdaSCALE-A", 83.92, 88.00), "adascale_l": ("AdaSCALE-L", 74.99, 79.02),
+    "nci": ("NCI", 88.86, 91.27), "iodin": ("i-ODIN", 87.92, 90.99), "rankfeat": ("RankFeat", 79.46, 75.87),
 }
 
 #: OpenOOD set -> (our set in leaderboard.csv column names, heading).

@@ -19,6 +19,7 @@ from lossbench.experiments.benchmark import (
     mean_std, resolve_config, run_benchmark, set_label, summarize,
 )
 from lossbench.experiments.embedding import embedding_quality
+from ood import list_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "bench_digits.yaml"
@@ -287,6 +288,23 @@ def test_shipped_configs_resolve(name):
     assert len(cfg.seeds) == 3 and {"msp", "energy", "maxlogit", "mahalanobis"} <= set(cfg.scores)
     paths = [cfg.train.get("data_root") or "", cfg.output] + [s.split(":", 1)[1] for s in cfg.ood_sets if ":" in s]
     assert not any(Path(p).is_absolute() for p in paths), paths  # relative to the project root
+
+
+#: The recent scores (Mahalanobis++ / RMDS++, NCI, VRA, WeiPer, AdaSCALE-A/-L, i-ODIN, RankFeat, GRAM, NAC).
+RECENT_SCORES = ("mds_norm", "rmds_norm", "nci", "vra", "weiper", "adascale_a", "adascale_l", "iodin", "rankfeat",
+                 "gram", "nac")
+
+
+@pytest.mark.parametrize("name", ["bench_cifar10", "bench_fashionmnist"])
+def test_configs_with_a_score_list_run_the_recent_scores(name):
+    """A config that lists its scores runs every recent score, or says in a comment why one is left out."""
+    path = ROOT / "configs" / f"{name}.yaml"
+    cfg = load_config(str(path))
+    comments = " ".join(line for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.lstrip().startswith("#")).lower()
+    missing = [n for n in RECENT_SCORES if n not in cfg.scores]
+    assert all(n in list_scores() for n in RECENT_SCORES)
+    assert [n for n in missing if n not in comments] == [], f"{name}: {missing} neither run nor explained"
 
 
 def test_resume_check_is_the_trainers_compile_is_run_control(tmp_path):

@@ -127,3 +127,35 @@ def test_unknown_loss_names_the_file(compare, tmp_path):
     write_leaderboard(tmp_path, {"ce": {"msp_group:near_auroc_mean": 0.5}})
     with pytest.raises(SystemExit, match="'focal' not in"):
         compare.main([str(tmp_path), "--loss", "focal"])
+
+
+def test_leaderboard_methods_are_registered_scores(compare):
+    """Every compared name is a score of the registry (a misspelt name would always read 'skipped')."""
+    from ood import list_scores
+
+    assert set(compare.OPENOOD_CIFAR10) <= set(list_scores())
+    # The recent scores with a CrossEntropy / ResNet-18 row on OpenOOD's leaderboard.
+    recent = {"nac": ("NAC", 90.93, 94.60), "weiper": ("WeiPer+KLD", 90.54, 93.12),
+              "adascale_a": ("AdaSCALE-A", 83.92, 88.00), "adascale_l": ("AdaSCALE-L", 74.99, 79.02),
+              "nci": ("NCI", 88.86, 91.27), "iodin": ("i-ODIN", 87.92, 90.99),
+              "rankfeat": ("RankFeat", 79.46, 75.87)}
+    assert {k: compare.OPENOOD_CIFAR10[k] for k in recent} == recent
+    # Left out on purpose (no CIFAR-10 row, or a row of another algorithm): see the module docstring.
+    for name in ("vra", "gram", "mds_norm", "rmds_norm"):
+        assert name not in compare.OPENOOD_CIFAR10 and f"``{name}``" in compare.__doc__
+
+
+def test_agreement_counts_two_sides_per_compared_score(compare, tmp_path, capsys):
+    """With every compared score run, the count is out of 2 x (number of scores but MSP), as documented."""
+    values = {"msp_group:near_auroc_mean": 0.80, "msp_group:far_auroc_mean": 0.80}
+    for score, (_, near, far) in compare.OPENOOD_CIFAR10.items():
+        if score != "msp":  # ours on OpenOOD's side of MSP near, on the other side far
+            values[f"{score}_group:near_auroc_mean"] = 0.85 if near > compare.OPENOOD_CIFAR10["msp"][1] else 0.75
+            values[f"{score}_group:far_auroc_mean"] = 0.75 if far > compare.OPENOOD_CIFAR10["msp"][2] else 0.85
+    write_leaderboard(tmp_path, {"ce": values})
+    compare.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    n = len(compare.OPENOOD_CIFAR10) - 1
+    assert agreement(out, "Sides of MSP that agree with OpenOOD's") == (n, 2 * n)
+    assert f"2 x {n} = {2 * n} comparisons" in compare.__doc__
+    assert "| nac (NAC) | 90.93 | 85.0 | 94.60 | 75.0 | above / above | above / below | 1/2 |" in out
