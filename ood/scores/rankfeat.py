@@ -82,6 +82,11 @@ class RankFeat(OODScore):
             if not isinstance(out, Tensor) or out.dim() != 4:
                 raise ScoreNotApplicable(f"rankfeat: stage {module_name!r} gives {getattr(out, 'shape', type(out))}, "
                                          "not a 4-D feature map")
+            h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[2], out.shape[3])
+            if h * w == 1:  # a C x 1 matrix is its own rank-one part: the removal leaves zeros
+                raise ScoreNotApplicable(f"rankfeat: stage {module_name!r} gives 1 x 1 maps at this input size; "
+                                         "removing their rank-one part leaves nothing (that half of the score "
+                                         "would be constant): use larger inputs")
             return remove_rank_one(out, channels_last)
 
         handle = backbone_of(model).get_submodule(module_name).register_forward_hook(hook)

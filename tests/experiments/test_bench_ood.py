@@ -34,9 +34,10 @@ def rows(text: str) -> dict:
 
 
 @pytest.mark.slow  # about 40 CPU seconds: every model score fits and scores a small network
+# (64 px: RankFeat refuses the 1 x 1 stage maps of smaller inputs)
 def test_model_table_times_every_model_score(bench_ood, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ood.py", "--part", "model", "--classes", "4", "--model-n", "40",
-                                      "--model-val", "16", "--model-queries", "8", "--model-size", "16",
+                                      "--model-val", "16", "--model-queries", "8", "--model-size", "64",
                                       "--model-batch", "16"])
     bench_ood.main()
     out = capsys.readouterr().out
@@ -50,4 +51,4 @@ def test_model_table_times_every_model_score(bench_ood, monkeypatch, capsys):
         assert fit >= 0 and score > 0 and qps > 0
     # the pixel-step scores get an input std (not printed), ODIN's settings are its own
     assert table["odin"][1] == "temperature=1000.0, eps=0.0014"
-    assert "resnet10t" in out and "40 training + 16 validation images (16 px" in out
+    assert "resnet10t" in out and "40 training + 16 validation images (64 px" in out

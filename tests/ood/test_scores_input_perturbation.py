@@ -210,6 +210,14 @@ def test_rankfeat_matches_the_stage_by_stage_transcription(resnet_model, tempera
     np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
+def test_rankfeat_refuses_one_by_one_stage_maps(resnet_model):
+    """At 16 px a ResNet's last stage is 1 x 1: the removal zeroed it and half the score was a constant."""
+    model = copy.deepcopy(resnet_model).double().eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with pytest.raises(ScoreNotApplicable, match="1 x 1 maps"):
+        create_score("rankfeat").fit(model, loader(x))
+
+
 def test_rankfeat_needs_backbone_stages():
     with pytest.raises(ScoreNotApplicable, match="feature_info"):
         create_score("rankfeat").fit(ReluNet(), loader(_x(4, 0)))
@@ -290,9 +298,10 @@ def test_gram_refuses_unusable_models_and_data(resnet_model):
 def test_stage_scores_bad_inputs_and_float32_against_float64(resnet_model, name):
     g = torch.Generator().manual_seed(10)
     y = torch.arange(80) % 4
-    x_tr = torch.randn(80, 3, 32, 32, generator=g) + 0.5 * y[:, None, None, None]
+    px = 64 if name == "rankfeat" else 32  # RankFeat refuses the 1 x 1 last-stage maps of 32 px inputs
+    x_tr = torch.randn(80, 3, px, px, generator=g) + 0.5 * y[:, None, None, None]
     s = create_score(name).fit(resnet_model, loader(x_tr, y, batch_size=16))
-    x = torch.randn(5, 3, 32, 32, generator=g)
+    x = torch.randn(5, 3, px, px, generator=g)
     for value in (float("nan"), float("inf")):
         bad = x.clone()
         bad[1, 0, 0, 0] = value
