@@ -300,10 +300,10 @@ void add_rows(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
 // everything else is in the compute dtype (float64 for float64, else float32). Low-precision
 // E and C stay in their dtype: on CPU a row block of E and a piece of C (at most about one
 // logits block and at most kPieceElements) are converted to float32 at a time into buffers held
-// for the whole call, and the low-precision dC is updated a piece at a time through a float32
-// piece (no float32 temporary of V x D, or of the vocabulary, beyond one logits block and one
-// piece of C); on CUDA the GEMMs run in the input dtype with float32 output. Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D)
-// (compute dtype if accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or
+// for the whole call, and a low-precision dC is updated a piece at a time through a float32
+// piece (beyond the outputs: one logits block, one piece of C and row-block-sized buffers, so
+// nothing of size V x D); on CUDA the GEMMs run in the input dtype with float32 output.
+// Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D) (compute dtype if accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or
 // empty, skipped (row block, tile) pairs, rows with an out-of-range target} (the last two as
 // 0-d int64 CPU tensors). On CPU an out-of-range target raises; on CUDA its row's loss is NaN.
 std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
@@ -377,12 +377,14 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
       std::min<int64_t>({V, RB * V / Dpos, is_cuda ? V : kPieceElements / Dpos}));
   // CPU, low precision: float32 buffers held for the whole call -- the row block of E (and of
   // its gradient) and one piece of C, which the backward products split between the converted
-  // piece of C and the float32 update of the piece of dC (each half a piece).
+  // piece of C and the float32 update of the piece of dC (half a piece each) when both are needed.
   const bool cpu_lowp = lowp && !is_cuda;
   const bool dc_lowp = need_dc && dc_dt != cdt;
+  const bool split_cbuf = cpu_lowp && need_de && dc_lowp;
+  const int64_t cpu_step = split_cbuf ? std::max<int64_t>(1, piece / 2) : piece;
   at::Tensor ebuf = cpu_lowp ? at::empty({RB, D}, opts) : at::Tensor();
   at::Tensor debuf = (cpu_lowp && need_de) ? at::empty({RB, D}, opts) : at::Tensor();
-  at::Tensor cbuf = cpu_lowp ? at::empty({piece, D}, opts) : at::Tensor();
+  at::Tensor cbuf = cpu_lowp ? at::empty({std::max(piece, 2 * cpu_step), D}, opts) : at::Tensor();
   // The GEMM helpers: out (R x len, compute dtype) = a (R x D) @ b (len x D)^T, or the
   // gradient products for one class range / index set.
   auto as_c = [&](const at::Tensor& x) { return x.scalar_type() == cdt ? x : x.to(cdt); };
@@ -489,10 +491,6 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
                      : dE.narrow(0, r0, R);
       dEb.zero_();
     }
-    // CPU, low precision: the converted piece of C (for dE) and the float32 piece of dC share
-    // cbuf, half a piece each when both are needed.
-    const bool split_cbuf = cpu_lowp && need_de && dc_lowp;
-    const int64_t cpu_step = split_cbuf ? std::max<int64_t>(1, piece / 2) : piece;
     for (const auto& run : runs) {
       // split into pieces (low precision or gathered: bounded temporaries)
       const int64_t step = gather ? std::min<int64_t>(cpu_lowp ? cpu_step : piece, 4096)
