@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from lossbench.cce import ext
+from lossbench.cce import checks, ext
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,3 +115,27 @@ def test_low_precision_extra_memory_does_not_grow_with_vocab_times_width(impl, d
     assert grow < bound, (f"extra memory beyond the gradients grew by {grow:.1f} MiB from V = {small} "
                           f"to {large} (allowed: {bound:.0f} MiB; one block and one piece of C: "
                           f"{inherent:.1f} MiB)")
+
+
+# ---- the finiteness check's float64 sum, a piece at a time ------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 5), (1000,), (3, 11, 7)])
+def test_float64_sum_in_pieces_equals_the_whole_sum(dtype, shape, monkeypatch):
+    monkeypatch.setattr(checks, "FINITE_SUM_PIECE", 16)  # many pieces, a short last one
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    for y in (x, x.transpose(0, -1)):  # contiguous and strided
+        got = checks._float64_sum(y)
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, y.sum(dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finiteness_check_in_pieces_finds_a_value_in_the_last_piece(bad, monkeypatch):
+    monkeypatch.setattr(checks, "FINITE_SUM_PIECE", 64)
+    C = torch.randn(101, 8).to(torch.bfloat16)
+    C[-1, -1] = bad
+    with pytest.raises(ValueError, match="weight"):
+        checks._check_finite(C, "weight")
+    checks._check_finite(C[:-1], "weight")  # the rest is finite
