@@ -1,14 +1,15 @@
-"""Peak memory of cut cross-entropy with bf16/fp16 inputs: nothing of size V x D beyond the gradients.
+"""Peak memory of cut cross-entropy with bf16/fp16 inputs: nothing of V x D beyond the gradients.
 
-Each measurement runs in a fresh Python process, as ``bench/cce.py`` does: after the inputs are made
-(and the extension, the thread pool and BLAS are warmed up on a tiny vocabulary) the peak resident set
-is reset through ``/proc/self/clear_refs`` and read back as ``VmHWM`` after one forward+backward. The
-extra peak minus the gradients' own (N + V) D elements in the input dtype is what the pass itself
-holds. With a fixed row block it may grow with V only by one R x V float32 logits block and one
-float32 piece of C (the piece is at most one block's size); the test compares V = 8,192 with
-V = 65,536 and allows a quarter of one float32 V x D copy of the larger classifier (32 MiB against
-the 7 MiB that block and piece grow by), so that any whole-vocabulary temporary -- a float32 (or
-float64) copy of C, a float32 dC accumulator, even a bf16 copy of C (56 MiB more) -- fails it.
+Each measurement runs in a fresh Python process, as ``bench/cce.py`` does: after the inputs are
+made (and the extension, the thread pool and BLAS are warmed up on a tiny vocabulary) the peak
+resident set is reset through ``/proc/self/clear_refs`` and read back as ``VmHWM`` after one
+forward+backward. The extra peak minus the gradients' own (N + V) D elements in the input dtype
+is what the pass itself holds. With a fixed row block it may grow with V only by one R x V float32
+logits block and one float32 piece of C (the piece is at most one block's size); the test compares
+V = 8,192 with V = 65,536 and allows a quarter of one float32 V x D copy of the larger classifier
+(32 MiB against the 7 MiB that block and piece grow by), so that any whole-vocabulary temporary --
+a float32 (or float64) copy of C, a float32 dC accumulator, even a bf16 copy of C (56 MiB more) --
+fails it.
 
 The child runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: every larger block is then
 mapped on allocation and unmapped on free, so the resident set follows the live tensors. With
@@ -84,8 +85,8 @@ print(json.dumps({"extra": extra / 2 ** 20, "beyond_grads": (extra - grads) / 2 
 
 def beyond_grads_mib(impl: str, dtype: str, N: int, D: int, V: int, R: int) -> float:
     """Extra peak MiB of one forward+backward beyond the gradients, in a fresh process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               MALLOC_MMAP_THRESHOLD_="65536")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", CHILD, impl, dtype, str(N), str(D), str(V), str(R)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -106,15 +107,16 @@ IMPLS = ["ext"] if ext.load() is not None else []
 def test_low_precision_extra_memory_does_not_grow_with_vocab_times_width(impl, dtype):
     N, D, R = 128, 512, 16
     small, large = 8192, 65536
-    grow = beyond_grads_mib(impl, dtype, N, D, large, R) - beyond_grads_mib(impl, dtype, N, D, small, R)
+    grow = (beyond_grads_mib(impl, dtype, N, D, large, R)
+            - beyond_grads_mib(impl, dtype, N, D, small, R))
     mib = 2 ** 20
     # allowed: one R x V float32 logits block and one float32 piece of C (at most as large) more
     inherent = 2 * R * (large - small) * 4 / mib  # 7 MiB
     bound = 0.25 * large * D * 4 / mib  # a quarter of a float32 copy of C: 32 MiB
     assert inherent < bound
-    assert grow < bound, (f"extra memory beyond the gradients grew by {grow:.1f} MiB from V = {small} "
-                          f"to {large} (allowed: {bound:.0f} MiB; one block and one piece of C: "
-                          f"{inherent:.1f} MiB)")
+    assert grow < bound, (f"extra memory beyond the gradients grew by {grow:.1f} MiB from "
+                          f"V = {small} to {large} (allowed: {bound:.0f} MiB; one block and one "
+                          f"piece of C: {inherent:.1f} MiB)")
 
 
 # ---- the finiteness check's float64 sum, a piece at a time ------------------------------------

@@ -303,9 +303,10 @@ void add_rows(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
 // for the whole call, and a low-precision dC is updated a piece at a time through a float32
 // piece (beyond the outputs: one logits block, one piece of C and row-block-sized buffers, so
 // nothing of size V x D); on CUDA the GEMMs run in the input dtype with float32 output.
-// Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D) (compute dtype if accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or
-// empty, skipped (row block, tile) pairs, rows with an out-of-range target} (the last two as
-// 0-d int64 CPU tensors). On CPU an out-of-range target raises; on CUDA its row's loss is NaN.
+// Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D) (compute dtype if
+// accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or empty, skipped
+// (row block, tile) pairs, rows with an out-of-range target} (the last two as 0-d int64 CPU
+// tensors). On CPU an out-of-range target raises; on CUDA its row's loss is NaN.
 std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                             const c10::optional<at::Tensor>& weight, const at::Tensor& g,
