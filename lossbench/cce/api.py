@@ -17,11 +17,14 @@ is exact: the backward pass is then rebuilt from differentiable ops on materiali
 (O(N V) memory, meant for gradient penalties on small problems, not for training at scale).
 
 Low precision. bf16/fp16 features and weight are never copied whole to float32: on CPU a row
-block of E and a piece of C (at most about one logits block) are converted at a time; on CUDA
-the GEMMs run in the input dtype with float32 output. The row pass is float32, the gradient of a
-row block of E is accumulated in float32 and rounded once; dC is accumulated across row blocks in
-the input dtype (as apple's default) unless ``accum_c_fp32=True``, which holds a float32 V x D
-accumulator (4 V D bytes more) and rounds once.
+block of E and a piece of C (at most about one logits block and 16 MiB) are converted at a time
+into buffers held for the call; on CUDA the GEMMs run in the input dtype with float32 output. The
+row pass is float32, the gradient of a row block of E is accumulated in float32 and rounded once;
+dC is accumulated across row blocks in the input dtype (as apple's default; on CPU a piece at a
+time through a float32 piece) unless ``accum_c_fp32=True``, which holds a float32 V x D
+accumulator (4 V D bytes more) and rounds once. Beyond the gradients, the CPU pass then holds one
+logits block, one piece of C and row-block-sized buffers, whatever V
+(``tests/cce/test_cce_memory.py``).
 
 Gradient filtering (paper Sec. 4.3; ``filter_eps='auto'`` = ``torch.finfo(dtype).eps / 32`` as in
 the official ``utils._handle_eps``). The vocabulary is cut into tiles of ``chunk_size`` classes;

@@ -23,8 +23,14 @@ def _mean_logit_order(E: Tensor, C: Tensor, b: Optional[Tensor], piece: int) -> 
     m = E.mean(0, dtype=cdt) if E.shape[0] else E.new_zeros(E.shape[1], dtype=cdt)
     V = C.shape[0]
     score = torch.empty(V, dtype=cdt, device=E.device)
+    # a piece of C at a time; bf16/fp16 pieces are converted into one buffer (no temporaries)
+    buf = (torch.empty(min(piece, V), C.shape[1], dtype=cdt, device=E.device)
+           if C.dtype != cdt else None)
     for j0 in range(0, V, piece):
-        score[j0:j0 + piece] = C[j0:j0 + piece].to(cdt) @ m
+        part = C[j0:j0 + piece]
+        if buf is not None:
+            part = buf[:part.shape[0]].copy_(part)
+        torch.mv(part, m, out=score[j0:j0 + piece])
     if b is not None:
         score += b.nan_to_num(neginf=torch.finfo(cdt).min)
     return torch.argsort(score, descending=True)

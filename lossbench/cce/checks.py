@@ -13,10 +13,35 @@ from ..validation import check_finite, check_float, checks_enabled
 REDUCTIONS = ("mean", "sum", "none")
 
 
+# Elements per piece of the float64 sum of :func:`_check_finite` (an 8 MiB float64 buffer).
+FINITE_SUM_PIECE = 1 << 20
+
+
+def _float64_sum(x: Tensor) -> Tensor:
+    """``x.sum(dtype=torch.float64)`` a piece of at most ``FINITE_SUM_PIECE`` elements at a time.
+
+    A reduction with ``dtype=`` first converts the whole input to that dtype, so the plain call
+    holds a float64 copy of ``x`` (four times a bf16 weight, twice a float32 one). Here each piece
+    is copied into one float64 buffer, allocated once (a temporary per piece would leave the
+    allocator's heap fragmented by that size).
+    """
+    if x.dtype == torch.float64 or x.numel() <= FINITE_SUM_PIECE:
+        return x.sum(dtype=torch.float64)
+    flat = x.reshape(-1, 1) if x.dim() < 2 else x.flatten(0, -2)  # a view for a 2-D weight
+    rows = max(1, FINITE_SUM_PIECE // max(1, flat.shape[1]))
+    buf = torch.empty(min(rows, flat.shape[0]), flat.shape[1], dtype=torch.float64,
+                      device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for part in flat.split(rows):
+        total += buf[:part.shape[0]].copy_(part).sum()
+    return total
+
+
 def _check_finite(x: Tensor, name: str, allow_neg_inf: bool = False) -> None:
     """``check_finite`` in one reduction: a float64 sum is finite iff every entry is (for
-    float32/16 inputs); only when it is not does the exact check run (and raise)."""
-    if not checks_enabled() or bool(torch.isfinite(x.sum(dtype=torch.float64))):
+    float32/16 inputs); only when it is not does the exact check run (and raise). The sum is
+    taken a piece at a time (:func:`_float64_sum`): no float64 copy of a whole weight."""
+    if not checks_enabled() or bool(torch.isfinite(_float64_sum(x))):
         return
     if allow_neg_inf:
         bad = int((torch.isnan(x) | (x == float("inf"))).sum())

@@ -30,6 +30,9 @@ from torch import Tensor
 from ..validation import compute_dtype
 
 RunResult = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], int, int]
+# Most elements of a float32 piece of C converted at a time on the CPU (16 MiB), as the
+# extension's ``kPieceElements``.
+PIECE_ELEMENTS = 1 << 22
 
 
 def _runs(need: List[bool], tile: int, V: int) -> List[Tuple[int, int]]:
@@ -93,7 +96,8 @@ def torch_run(
         rank = torch.empty_like(order)
         rank[order] = torch.arange(V, device=order.device)
     R0 = min(block_rows, max(N, 1))
-    piece = max(min(V, 256), min(V, R0 * V // max(1, D)))
+    piece = max(min(V, 256), min(V, R0 * V // max(1, D),
+                                 V if E.device.type != "cpu" else PIECE_ELEMENTS // max(1, D)))
     for r0 in range(0, N, block_rows):
         r1 = min(N, r0 + block_rows)
         Eb = E[r0:r1].to(cdt)
@@ -188,8 +192,12 @@ def torch_run(
                     part = Gs.t() @ Eb
                     if gather:
                         dC.index_add_(0, idx, part.to(dC.dtype))
-                    else:
+                    elif dC.dtype == part.dtype:
                         dC[k0:k1] += part
+                    else:
+                        # the same float32 sum rounded once into dC; ``dC[k0:k1] += part`` would
+                        # make two float32 temporaries of the piece on the CPU, this one
+                        dC[k0:k1] = part.add_(dC[k0:k1])
         # the one-hot target term dZ_iy -= ycoef_i, outside the tiles (never forces one in)
         if dEb is not None:
             dEb.sub_(C[y0].to(cdt) * ycoef[:, None])

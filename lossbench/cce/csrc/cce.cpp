@@ -233,6 +233,9 @@ void check_vec(const c10::optional<at::Tensor>& t, const char* name, const at::T
 
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
+// Most elements of a float32 piece of C on CPU (16 MiB), whatever V and the row block.
+constexpr int64_t kPieceElements = int64_t{1} << 22;
+
 // dst[idx[k]] += src[k] for distinct idx (rows of a sorted run); ATen's CPU index_add_ goes
 // row by row through generic ops, about as slow as the GEMM it follows.
 template <typename T>
@@ -246,6 +249,30 @@ void add_rows_impl(T* d, const int64_t* ix, const T* p, int64_t K, int64_t D) {
       for (int64_t j = 0; j < D; ++j) dr[j] += sr[j];
     }
   });
+}
+
+// dst += src for a contiguous bf16/fp16 dst and a contiguous float32 src of the same shape, each
+// sum formed in float32 and rounded once -- what dst.add_(src) computes, without the two float32
+// temporaries of dst's size that ATen's CPU type promotion makes for it (a float32 copy of dst as
+// input and a float32 output that is copied back).
+template <typename T>
+void add_f32_into_impl(T* d, const float* s, int64_t n) {
+  at::parallel_for(0, n, int64_t{1} << 14, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) d[k] = static_cast<T>(static_cast<float>(d[k]) + s[k]);
+  });
+}
+
+void add_f32_into(at::Tensor dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && src.scalar_type() == at::kFloat &&
+                  dst.sizes() == src.sizes(),
+              "add_f32_into: contiguous float32 src of dst's shape expected");
+  if (dst.scalar_type() == at::kBFloat16) {
+    add_f32_into_impl(dst.data_ptr<at::BFloat16>(), src.data_ptr<float>(), src.numel());
+  } else if (dst.scalar_type() == at::kHalf) {
+    add_f32_into_impl(dst.data_ptr<at::Half>(), src.data_ptr<float>(), src.numel());
+  } else {
+    dst.add_(src);
+  }
 }
 
 void add_rows(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
@@ -272,11 +299,14 @@ void add_rows(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
 // E (N, D) and C (V, D) may have any strides and be float64, float32, bfloat16 or float16;
 // everything else is in the compute dtype (float64 for float64, else float32). Low-precision
 // E and C stay in their dtype: on CPU a row block of E and a piece of C (at most about one
-// logits block) are converted to float32 at a time; on CUDA the GEMMs run in the input dtype
-// with float32 output. Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D)
-// (compute dtype if accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or
-// empty, skipped (row block, tile) pairs, rows with an out-of-range target} (the last two as
-// 0-d int64 CPU tensors). On CPU an out-of-range target raises; on CUDA its row's loss is NaN.
+// logits block and at most kPieceElements) are converted to float32 at a time into buffers held
+// for the whole call, and a low-precision dC is updated a piece at a time through a float32
+// piece (beyond the outputs: one logits block, one piece of C and row-block-sized buffers, so
+// nothing of size V x D); on CUDA the GEMMs run in the input dtype with float32 output.
+// Returns {loss (N), lse (N), dE (N, D) in E's dtype or empty, dC (V, D) (compute dtype if
+// accum_c_fp32 or E is not low precision, else C's dtype) or empty, db (V) or empty, skipped
+// (row block, tile) pairs, rows with an out-of-range target} (the last two as 0-d int64 CPU
+// tensors). On CPU an out-of-range target raises; on CUDA its row's loss is NaN.
 std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                             const c10::optional<at::Tensor>& weight, const at::Tensor& g,
@@ -340,9 +370,22 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     rank.index_put_({*order}, at::arange(V, order->options()));
   }
   // Pieces of the vocabulary for the low-precision conversions/products: at most about one
-  // logits block (RB x V) of float32 at a time.
+  // logits block (RB x V) of float32 at a time and, on CPU, at most kPieceElements (whatever V),
+  // yet at least 256 classes.
+  const int64_t Dpos = std::max<int64_t>(1, D);
   const int64_t piece = std::max<int64_t>(
-      std::min<int64_t>(V, 256), std::min<int64_t>(V, RB * V / std::max<int64_t>(1, D)));
+      std::min<int64_t>(V, 256),
+      std::min<int64_t>({V, RB * V / Dpos, is_cuda ? V : kPieceElements / Dpos}));
+  // CPU, low precision: float32 buffers held for the whole call -- the row block of E (and of
+  // its gradient) and one piece of C, which the backward products split between the converted
+  // piece of C and the float32 update of the piece of dC (half a piece each) when both are needed.
+  const bool cpu_lowp = lowp && !is_cuda;
+  const bool dc_lowp = need_dc && dc_dt != cdt;
+  const bool split_cbuf = cpu_lowp && need_de && dc_lowp;
+  const int64_t cpu_step = split_cbuf ? std::max<int64_t>(1, piece / 2) : piece;
+  at::Tensor ebuf = cpu_lowp ? at::empty({RB, D}, opts) : at::Tensor();
+  at::Tensor debuf = (cpu_lowp && need_de) ? at::empty({RB, D}, opts) : at::Tensor();
+  at::Tensor cbuf = cpu_lowp ? at::empty({std::max(piece, 2 * cpu_step), D}, opts) : at::Tensor();
   // The GEMM helpers: out (R x len, compute dtype) = a (R x D) @ b (len x D)^T, or the
   // gradient products for one class range / index set.
   auto as_c = [&](const at::Tensor& x) { return x.scalar_type() == cdt ? x : x.to(cdt); };
@@ -352,7 +395,7 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     at::Tensor Lb = buf.narrow(0, 0, R);
     const at::Tensor Eb = E.narrow(0, r0, R);
     // float32 copy of the row block (CPU, low precision) or the block itself.
-    const at::Tensor Ec = (lowp && !is_cuda) ? Eb.to(cdt) : Eb;
+    const at::Tensor Ec = cpu_lowp ? ebuf.narrow(0, 0, R).copy_(Eb) : Eb;
     if (!lowp) {
       if (bias.has_value()) {
         at::addmm_out(Lb, *bias, Eb, C.t());
@@ -366,7 +409,7 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
       for (int64_t j0 = 0; j0 < V; j0 += piece) {
         const int64_t len = std::min(piece, V - j0);
         at::Tensor out = Lb.narrow(1, j0, len);
-        const at::Tensor Cc = C.narrow(0, j0, len).to(cdt);
+        const at::Tensor Cc = cbuf.narrow(0, 0, len).copy_(C.narrow(0, j0, len));
         if (bias.has_value()) {
           at::addmm_out(out, bias->narrow(0, j0, len), Ec, Cc.t());
         } else {
@@ -443,11 +486,18 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
     if (need_db) db.add_(Lb.sum(0));
     // float32 accumulator of dE for this block (a view of dE when no conversion is needed).
     at::Tensor dEb;
-    if (need_de) dEb = lowp ? at::zeros({R, D}, opts) : dE.narrow(0, r0, R).zero_();
+    if (need_de) {
+      dEb = cpu_lowp ? debuf.narrow(0, 0, R)
+            : lowp   ? at::empty({R, D}, opts)
+                     : dE.narrow(0, r0, R);
+      dEb.zero_();
+    }
     for (const auto& run : runs) {
       // split into pieces (low precision or gathered: bounded temporaries)
-      const int64_t step = gather ? std::min<int64_t>(piece, 4096)
-                           : lowp ? piece : run.second - run.first;
+      const int64_t step = gather ? std::min<int64_t>(cpu_lowp ? cpu_step : piece, 4096)
+                           : cpu_lowp ? cpu_step
+                           : lowp     ? piece
+                                      : run.second - run.first;
       for (int64_t k0 = run.first; k0 < run.second; k0 += step) {
         const int64_t len = std::min(step, run.second - k0);
         at::Tensor idx, Gs, Cs;
@@ -462,8 +512,8 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
         at::Tensor Gm = Gs;  // the operand of the products
         if (lowp && is_cuda) {
           Gm = Gs.to(in_dt);  // tensor cores in the input dtype, float32 output
-        } else if (lowp) {
-          Cs = as_c(Cs);
+        } else if (cpu_lowp && need_de) {
+          Cs = cbuf.narrow(0, 0, len).copy_(Cs);
         }
         if (need_de) {
           if (lowp && is_cuda) {
@@ -475,6 +525,15 @@ std::vector<at::Tensor> run(const at::Tensor& E, const at::Tensor& C,
         if (need_dc) {
           if (!gather && dC.scalar_type() == cdt && !(lowp && is_cuda)) {
             dC.narrow(0, k0, len).addmm_(Gm.t(), Ec);
+          } else if (cpu_lowp && dc_lowp) {
+            // the float32 piece of dC in cbuf (after the piece of C when that is there too)
+            at::Tensor part = cbuf.narrow(0, split_cbuf ? step : 0, len);
+            at::mm_out(part, Gm.t(), Ec);
+            if (gather) {
+              add_rows(dC, idx, part);
+            } else {
+              add_f32_into(dC.narrow(0, k0, len), part);
+            }
           } else {
             at::Tensor part = (lowp && is_cuda) ? at::mm(Gm.t(), Eb, cdt) : at::mm(Gm.t(), Ec);
             if (gather) {
