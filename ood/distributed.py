@@ -21,6 +21,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
 
+#: Label dtypes carried over (sent as int64 or float64, given back in their own dtype); labels of another
+#: dtype or not of shape (N,) are dropped (None).
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                torch.float64, torch.float32, torch.float16)
+
+
 def world() -> Tuple[int, int]:
     """``(rank, world_size)`` of the initialised process group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
@@ -84,14 +90,15 @@ def gather_rows(local: Optional[Tensor], trailing: Tuple[int, ...], dtype: torch
 def gather_feature_data(feats: Optional[Tensor], logits: Optional[Tensor],
                         labels: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
     """(features, logits, labels) of every rank in rank order; a rank with no rows passes ``None``s.
-    Shapes and the labels' presence and kind (integer or float) are agreed first, so an empty rank
+    Shapes and the labels' presence and dtype (:data:`LABEL_DTYPES`) are agreed first, so an empty rank
     can take part; ``None`` when no rank has a row."""
     _, w = world()
     dev = _comm_device()
     if feats is None:
         meta = torch.tensor([-1, -1, -1], dtype=torch.int64, device=dev)
     else:
-        kind = 0 if labels is None else (1 if not labels.is_floating_point() else 2)
+        known_labels = labels is not None and labels.dim() == 1 and labels.dtype in LABEL_DTYPES
+        kind = 1 + LABEL_DTYPES.index(labels.dtype) if known_labels else 0
         meta = torch.tensor([feats.shape[1], logits.shape[1], kind], dtype=torch.int64, device=dev)
     metas: List[Tensor] = [torch.empty_like(meta) for _ in range(w)]
     dist.all_gather(metas, meta)
@@ -103,5 +110,6 @@ def gather_feature_data(feats: Optional[Tensor], logits: Optional[Tensor],
     z = gather_rows(logits, (c,), torch.float32)
     y = None
     if kind:
-        y = gather_rows(labels, (), torch.int64 if kind == 1 else torch.float64)
+        dtype = LABEL_DTYPES[kind - 1]
+        y = gather_rows(labels, (), torch.float64 if dtype.is_floating_point else torch.int64).to(dtype)
     return f, z, y

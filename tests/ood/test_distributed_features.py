@@ -65,3 +65,23 @@ def test_rank_share_splits_whole_batches_without_duplicates(monkeypatch):
     assert shares(2, DataLoader(ds, batch_size=8, shuffle=True)) == [None, None]
     assert shares(2, DataLoader(ds, batch_size=8, drop_last=True)) == [None, None]
     assert shares(1, DataLoader(ds, batch_size=8)) == [None]
+
+
+def test_gather_keeps_shapes_and_label_dtypes(tmp_path):
+    """The gather in a one-rank gloo group: rows, trailing shapes and the labels' own dtype come back;
+    no rows anywhere is ``None``."""
+    import torch.distributed as dist
+
+    from ood.distributed import gather_feature_data
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        f, z = torch.randn(5, 4), torch.randn(5, 3)
+        for y in (torch.arange(5, dtype=torch.int32), torch.rand(5, dtype=torch.float64), torch.ones(5).bool()):
+            got = gather_feature_data(f, z, y)
+            assert torch.equal(got[0], f) and torch.equal(got[1], z)
+            assert got[2].dtype == y.dtype and torch.equal(got[2], y)
+        assert gather_feature_data(f, z, None)[2] is None
+        assert gather_feature_data(None, None, None) is None
+    finally:
+        dist.destroy_process_group()
