@@ -14,6 +14,9 @@ are brought to the model's own normalisation and input size):
     python eval.py --model vit_tiny_patch16_224 --model-kwargs '{"img_size": 32, "patch_size": 4}' \
         --weights vit_c10.safetensors --data cifar10 --scores all --out runs/vit
 
+Under ``torchrun`` (``torchrun --standalone --nproc_per_node=2 eval.py --run runs/demo``) the ranks share
+the feature passes out and gather them (the same numbers as one process); rank 0 alone writes the outputs.
+
 The loss x score benchmark has its own script: ``python bench.py -c configs/bench_digits.yaml``.
 """
 
@@ -122,7 +125,23 @@ def _ood_sets(args):
     return groups
 
 
-def _main_any_model(args) -> int:
+def _init_distributed(args) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group, one GPU per rank (``cuda:<LOCAL_RANK>``);
+    the ranks share the feature passes out (:mod:`ood.distributed`). True on the rank that writes the outputs
+    (rank 0, or the only process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from lossbench.framework.distributed import init_distributed
+    from lossbench.framework.runtime import select_device
+
+    device = select_device(args.device)
+    info = init_distributed(device)
+    if device.type == "cuda":
+        args.device = f"cuda:{info.local_rank}"
+    return info.is_main
+
+
+def _main_any_model(args, writer: bool = True) -> int:
     """``--model`` / ``--weights``: a model trained elsewhere, through the same ``evaluate_model``."""
     from lossbench.errors import UserInputError
     from lossbench.experiments import write_report
@@ -145,6 +164,8 @@ def _main_any_model(args) -> int:
         seed=args.seed, device=args.device, ood_sets=ood_sets, scores=args.scores, score_kwargs=args.score_args,
         convention=args.convention, batch_size=args.batch_size, max_ood_samples=args.max_ood_samples,
         progress=not args.no_progress, val_ood=args.val_ood, search=args.search, feature_cache_dir=cache)
+    if not writer:
+        return 0
     os.makedirs(args.out, exist_ok=True)
     print(write_report(result, args.out))
     m = result["model"]
@@ -176,8 +197,9 @@ def main(argv=None) -> int:
                                  f"a run's own configuration gives its data and input")
     for name in resolve_scores(args.scores):  # every name (plug-ins included) before anything is loaded
         get_score_class(name)
+    writer = _init_distributed(args)
     if any_model:
-        return _main_any_model(args)
+        return _main_any_model(args, writer)
     ckpt = args.checkpoint or os.path.join(args.run, "best.pt")
     if args.run:
         from lossbench.framework.checkpoint import stale_best
@@ -197,6 +219,8 @@ def main(argv=None) -> int:
                                  batch_size=args.batch_size, device=args.device,
                                  max_ood_samples=args.max_ood_samples, progress=not args.no_progress,
                                  val_ood=args.val_ood, search=args.search, feature_cache_dir=cache)
+    if not writer:  # under torchrun, rank 0 alone writes the report
+        return 0
     print(write_report(result, out))
     print(f"wrote {', '.join(REPORT_FILES)} to {out}"
           + (f"; feature cache in {cache}" if cache else ""))

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .distributed import all_true, rank_share, world
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, get_score_class
 from .scores.base import OODScore, batches, eval_mode, model_device
@@ -57,13 +58,19 @@ class FeaturePasses:
         self._memo: Dict[int, FeatureData] = {}
 
     def get(self, loader: Iterable, what: str) -> FeatureData:
+        """The pass of ``loader``: memoised, else from the cache, else computed. Under ``torchrun``
+        (:mod:`ood.distributed`) the ranks share the pass out and all get the whole result; they use
+        the cache only when every rank finds it there, and rank 0 alone writes it."""
         key = id(loader)
         if key not in self._memo:
             data = self.cache.load(loader) if self.cache is not None else None
+            shared = rank_share(loader) is not None
+            if shared and self.cache is not None and not all_true(data is not None):
+                data = None  # a pass shared out needs every rank in it
             if data is None:
                 data = collect_features(self.model, loader, what)
                 self.passes += 1
-                if self.cache is not None:
+                if self.cache is not None and (not shared or world()[0] == 0):
                     self.cache.save(loader, data)
             self._memo[key] = data
         return self._memo[key]

@@ -118,7 +118,27 @@ def collect_features(model: nn.Module, loader: Iterable, what: str = "loader") -
 
     Logits come from ``model.head.logits(features)`` when the model has a lossbench head (one
     forward per batch); otherwise from ``model(x)`` (the backbone then runs twice per batch).
+    Under ``torchrun`` (an initialised process group of ``W > 1`` ranks) an ordered ``DataLoader``
+    is shared out over the ranks and the results gathered, so that every rank gets the whole,
+    single-process result (:mod:`ood.distributed`); every rank must then call this together.
     """
+    from ..distributed import gather_feature_data, rank_share
+
+    share = rank_share(loader)
+    if share is None:
+        part = _feature_pass(model, loader)
+        if part is None:
+            raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+        return FeatureData(*part)
+    part = _feature_pass(model, share)
+    whole = gather_feature_data(*(part if part is not None else (None, None, None)))
+    if whole is None:
+        raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+    return FeatureData(*whole)
+
+
+def _feature_pass(model: nn.Module, loader: Iterable) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """(features, logits, labels or None) of one pass over ``loader``; ``None`` when it yields nothing."""
     fn, _ = _logits_fn(model)
     feats, logits, labels = [], [], []
     with eval_mode(model), torch.no_grad():
@@ -129,9 +149,9 @@ def collect_features(model: nn.Module, loader: Iterable, what: str = "loader") -
             logits.append(z.detach().to("cpu", torch.float32))
             labels.append(y if isinstance(y, Tensor) else None)
     if not feats:
-        raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+        return None
     lab = torch.cat([t.cpu() for t in labels]) if all(t is not None for t in labels) else None
-    return FeatureData(torch.cat(feats), torch.cat(logits), lab)
+    return torch.cat(feats), torch.cat(logits), lab
 
 
 def _linear_candidate(model: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor], str]:

@@ -199,6 +199,10 @@ def test_default_benchmark_end_to_end_resumes_and_skips(tmp_path, capsys):
     assert [r["loss"] for r in table] == ["ce", "svm_l2"]
     assert {"acc_mean", "ece_std", "p_at_1_mean", "map_at_r_std", "energy_heldout_auroc_mean",
             "mahalanobis_uniform_fpr95_std"} <= set(table[0])
+    per_seed = list(csv.DictReader((out_dir / "leaderboard_seeds.csv").read_text().splitlines()))
+    assert [(r["loss"], r["seed"]) for r in per_seed] == [("ce", "0"), ("ce", "1"), ("svm_l2", "0"), ("svm_l2", "1")]
+    assert np.mean([float(r["acc"]) for r in per_seed[:2]]) == pytest.approx(float(table[0]["acc_mean"]), abs=1e-6)
+    assert r"svm\_l2 & " in (out_dir / "leaderboard.tex").read_text()
     for png in ("acc_vs_auroc.png", "roc_best.png"):
         assert (out_dir / png).stat().st_size > 1000
     runs = out_dir / "runs"
@@ -400,3 +404,43 @@ def test_leaderboard_failure_columns():
     # cells evaluated before the failure block existed: no AURC columns
     old = leaderboard_markdown(summarize({"ce": {0: _metrics(0.9, 0.8, 0.6)}}), ["msp"], ["a", "b"], "paper")
     assert "AURC" not in next(l for l in old.splitlines() if l.startswith("| loss |"))
+
+
+def test_leaderboard_seeds_csv_and_latex():
+    """``leaderboard_seeds.csv``: one row per (loss, seed) holding that cell's own numbers, whose mean is
+    the leaderboard's mean; ``leaderboard.tex``: the compact table as a booktabs tabular, special
+    characters escaped."""
+    from lossbench.experiments.benchmark import cell_values, latex_escape, leaderboard_latex, leaderboard_seeds_csv
+
+    cells = {"ce": {0: _metrics(0.9, 0.8, 0.6), 1: _metrics(0.8, 0.7, 0.7), 2: _metrics(0.7, 0.9, 0.5)},
+             "svm_l2": {3: _metrics(0.95, 0.6, 0.6), 1: _metrics(0.85, 0.65, 0.55)}}
+    rows = summarize(cells)
+    seeds = list(csv.DictReader(leaderboard_seeds_csv(rows).splitlines()))
+    assert [(r["loss"], int(r["seed"])) for r in seeds] == [("ce", 0), ("ce", 1), ("ce", 2), ("svm_l2", 1),
+                                                             ("svm_l2", 3)]
+    board = {r["loss"]: r for r in csv.DictReader(leaderboard_csv(rows).splitlines())}
+    for r in seeds:
+        expected = cell_values(cells[r["loss"]][int(r["seed"])])
+        assert {k.replace("/", "_"): v for k, v in expected.items()} == {
+            k: float(v) for k, v in r.items() if k not in ("loss", "seed")}  # the cell's own numbers, exactly
+    for loss in cells:
+        mine = [r for r in seeds if r["loss"] == loss]
+        for col in ("acc", "msp_auroc", "msp_b_fpr95", "p_at_1"):
+            assert np.mean([float(r[col]) for r in mine]) == pytest.approx(float(board[loss][f"{col}_mean"]),
+                                                                           abs=1e-6)
+            assert np.std([float(r[col]) for r in mine], ddof=1) == pytest.approx(
+                float(board[loss][f"{col}_std"]), abs=1e-6)
+
+    tex = leaderboard_latex(rows, ["msp"])
+    lines = tex.splitlines()
+    assert lines[1] == r"\begin{tabular}{l" + "c" * 9 + "}" and lines[-1] == r"\end{tabular}"
+    assert [r"\toprule", r"\midrule", r"\bottomrule"] == [l for l in lines if l in (r"\toprule", r"\midrule",
+                                                                                    r"\bottomrule")]
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    assert [l.split(" & ")[0] for l in body] == ["ce", r"svm\_l2"]  # a row per loss, "_" escaped
+    assert all(l.endswith(r" \\") and l.count(" & ") == 9 for l in body)
+    assert r"80.0$\pm$10.0" in body[0] and r"& 60.0$\pm$0.0 / 40.0$\pm$0.0 \\" in body[1]  # acc; msp AUROC / FPR@95
+    assert "±" not in tex and "→" not in tex and r"ECE $\to$ after TS" in lines[3]
+    assert "MAP@R" in lines[3] and "_" not in tex.replace(r"\_", "")
+    assert latex_escape("a_b 5% & {x} #1 $ ~^\\") == (r"a\_b 5\% \& \{x\} \#1 \$ \textasciitilde{}"
+                                                       r"\textasciicircum{}\textbackslash{}")

@@ -47,3 +47,30 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert abs(a["log"][-1]["train_loss"] - b["log"][-1]["train_loss"]) < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None
+                    and shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.slow
+def test_eval_under_torchrun_matches_one_process(tmp_path):
+    """eval.py under torchrun: the ranks share the feature passes out; rank 0 writes the same metrics as one
+    process (sizes 128 training / digits test / OOD sets split over 2 ranks, whole batches each)."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = [sys.executable] + ARGS[:ARGS.index("--epochs")] + ["--epochs", "1"] + ARGS[ARGS.index("--epochs") + 2:]
+    out = subprocess.run(train + ["--output", str(tmp_path), "--name", "run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ev = ["eval.py", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--scores", "msp,energy,knn",
+          "--ood", "heldout,gaussian", "--no-feature-cache", "--no-progress", "--batch-size", "48"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
+        out = subprocess.run(launcher + ev + ["--out", str(tmp_path / name)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.count("wrote metrics.json") == 1  # only rank 0 writes and reports
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    for key in ("test", "calibration", "ood_sets"):
+        assert one[key] == two[key], key
+    assert one["ood"]["results"] == two["ood"]["results"] and set(one["ood"]["results"]) == {"msp", "energy", "knn"}

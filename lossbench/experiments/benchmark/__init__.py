@@ -20,7 +20,8 @@ penultimate test features, every OOD score) written as ``metrics.json``, ``resul
 evaluation settings is skipped; one trained with a different configuration is an error.
 
 Then the leaderboard (:mod:`.runner`, :mod:`.tables`, :mod:`.plots`): ``leaderboard.md`` /
-``leaderboard.csv`` (mean ± sample std over seeds), ``acc_vs_auroc.png`` and ``roc_best.png``.
+``leaderboard.csv`` (mean ± sample std over seeds), ``leaderboard_compact.md`` and its LaTeX twin
+``leaderboard.tex``, ``leaderboard_seeds.csv`` (one row per loss and seed), ``acc_vs_auroc.png`` and ``roc_best.png``.
 Every file is written atomically.
 """
 
@@ -29,12 +30,12 @@ from .cells import cell_dir, cell_state, evaluate_cell, load_scores, run_cell, s
 from .cli import build_parser_bench, main, overrides_from
 from .runner import run_benchmark, write_leaderboard
 from .schema import BENCH_KEYS, PER_CELL_KEYS, BenchConfig, cell_args, eval_settings, load_config, resolve_config
-from .tables import leaderboard_csv, leaderboard_markdown
+from .tables import latex_escape, leaderboard_csv, leaderboard_latex, leaderboard_markdown, leaderboard_seeds_csv
 
 __all__ = [
     "BENCH_KEYS", "PER_CELL_KEYS", "BenchConfig", "cell_args", "eval_settings", "load_config", "resolve_config",
     "cell_dir", "cell_state", "evaluate_cell", "load_scores", "run_cell", "save_scores",
     "cell_values", "collect", "failures", "mean_std", "set_label", "summarize",
-    "leaderboard_csv", "leaderboard_markdown", "run_benchmark", "write_leaderboard",
+    "latex_escape", "leaderboard_csv", "leaderboard_latex", "leaderboard_markdown", "leaderboard_seeds_csv", "run_benchmark", "write_leaderboard",
     "build_parser_bench", "main", "overrides_from",
 ]

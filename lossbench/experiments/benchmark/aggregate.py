@@ -96,11 +96,13 @@ def failures(cfg: BenchConfig) -> Dict[str, Dict[int, str]]:
 
 def summarize(cells: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Dict[str, Dict[str, Any]]:
     """Per loss: ``n`` seeds, ``seeds``, ``{metric: (mean, std)}`` over seeds for every cell value,
+    ``values`` (``{seed: {metric: value}}``, the per-seed numbers behind the means),
     ``skipped`` (``{score: reason}`` of scores skipped in some seed) and ``chosen`` (``{score: [grid point
     chosen by the search, per seed]}``)."""
     rows: Dict[str, Dict[str, Any]] = {}
     for loss, per_seed in cells.items():
-        values = [cell_values(m) for m in per_seed.values()]
+        by_seed = {seed: cell_values(per_seed[seed]) for seed in sorted(per_seed)}
+        values = list(by_seed.values())
         keys = [k for k in values[0] if all(k in v for v in values)]
         skipped: Dict[str, str] = {}
         chosen: Dict[str, List[Dict[str, Any]]] = {}
@@ -112,5 +114,6 @@ def summarize(cells: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> Dict[str,
                 chosen.setdefault(score, []).append(rec["chosen"])
         rows[loss] = {"n": len(values), "seeds": sorted(per_seed),
                       "stats": {k: mean_std([v[k] for v in values]) for k in keys},
+                      "values": {seed: {k: v[k] for k in keys} for seed, v in by_seed.items()},
                       "skipped": skipped, "chosen": chosen}
     return rows

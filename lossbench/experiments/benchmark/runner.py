@@ -14,11 +14,12 @@ from .aggregate import collect, failures, set_label, summarize
 from .cells import run_cell
 from .plots import plot_acc_vs_auroc, plot_best_roc
 from .schema import BenchConfig, cell_args, check_cell_inputs, expand_ood_sets
-from .tables import compact_markdown, leaderboard_csv, leaderboard_markdown
+from .tables import compact_markdown, leaderboard_csv, leaderboard_latex, leaderboard_markdown, leaderboard_seeds_csv
 
 
 def write_leaderboard(cfg: BenchConfig, plots: bool = True) -> Dict[str, Any]:
-    """Aggregate the finished cells into ``leaderboard.md`` / ``.csv`` and the plots; return the rows."""
+    """Aggregate the finished cells into ``leaderboard.md`` / ``.csv`` / ``_compact.md`` / ``.tex``,
+    ``leaderboard_seeds.csv`` (one row per loss and seed) and the plots; return the rows."""
     cells, failed = collect(cfg), failures(cfg)
     if not cells and not failed:
         raise ValueError(f"no finished cells under {os.path.join(cfg.output, 'runs')}; nothing to rank")
@@ -36,8 +37,10 @@ def write_leaderboard(cfg: BenchConfig, plots: bool = True) -> Dict[str, Any]:
             f"{loss} seed {seed} ({err})" for loss, per in failed.items() for seed, err in per.items()) + ".\n"
     atomic_write_text(os.path.join(cfg.output, "leaderboard.md"), md)
     atomic_write_text(os.path.join(cfg.output, "leaderboard.csv"), leaderboard_csv(rows))
+    atomic_write_text(os.path.join(cfg.output, "leaderboard_seeds.csv"), leaderboard_seeds_csv(rows))
     if rows:
         atomic_write_text(os.path.join(cfg.output, "leaderboard_compact.md"), compact_markdown(rows, cfg.scores))
+        atomic_write_text(os.path.join(cfg.output, "leaderboard.tex"), leaderboard_latex(rows, cfg.scores))
     chosen = None
     if plots and rows:
         plot_acc_vs_auroc(rows, cfg.scores, os.path.join(cfg.output, "acc_vs_auroc.png"))

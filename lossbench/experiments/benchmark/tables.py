@@ -162,25 +162,78 @@ def leaderboard_csv(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def compact_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> str:
-    """The leaderboard in one narrow table (``leaderboard_compact.md``): ECE before -> after temperature
-    scaling in one cell, MSP's AURC / AUGRC in one, and each score's mean AUROC / FPR@95 in one cell
-    (%, mean±std over seeds)."""
+def _compact_cells(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str], pm: str = "±",
+                   arrow: str = "→") -> Tuple[List[str], List[List[str]]]:
+    """Header and cells of the compact leaderboard (shared by the Markdown and the LaTeX table)."""
     def f(r: Mapping[str, Any], key: str, percent: bool = True) -> str:
         if key not in r["stats"]:
             return "-"
         m, s = r["stats"][key]
         k = 100 if percent else 1
         d = 1 if percent else 3
-        return f"{k * m:.{d}f}" + ("" if math.isnan(s) else f"±{k * s:.{d}f}")
+        return f"{k * m:.{d}f}" + ("" if math.isnan(s) else f"{pm}{k * s:.{d}f}")
 
-    head = ["loss", "acc", "ECE → after TS", "adaptive ECE", "Brier", "NLL", "MSP AURC / AUGRC", "P@1",
+    head = ["loss", "acc", f"ECE {arrow} after TS", "adaptive ECE", "Brier", "NLL", "MSP AURC / AUGRC", "P@1",
             "MAP@R"] + list(scores)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for loss, r in rows.items():
-        cells = [f(r, "acc"), f"{f(r, 'ece')} → {f(r, 'ece_ts')}", f(r, "adaptive_ece"), f(r, "brier", False),
-                 f(r, "nll", False), f"{f(r, 'aurc')} / {f(r, 'augrc')}", f(r, "p_at_1"), f(r, "map_at_r")]
+        cells = [loss, f(r, "acc"), f"{f(r, 'ece')} {arrow} {f(r, 'ece_ts')}", f(r, "adaptive_ece"),
+                 f(r, "brier", False), f(r, "nll", False), f"{f(r, 'aurc')} / {f(r, 'augrc')}", f(r, "p_at_1"),
+                 f(r, "map_at_r")]
         cells += ["skipped" if s in (r.get("skipped") or {}) and f"{s}/auroc" not in r["stats"]
                   else f"{f(r, f'{s}/auroc')} / {f(r, f'{s}/fpr95')}" for s in scores]
-        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+        body.append(cells)
+    return head, body
+
+
+def leaderboard_seeds_csv(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """CSV next to :func:`leaderboard_csv`: one row per (loss, seed), the seed's own value of every metric
+    that the leaderboard averages (columns named as there without ``_mean`` / ``_std``; fractions, full
+    precision), so that the mean of a loss's rows is its ``<metric>_mean``."""
+    keys: List[str] = []
+    for r in rows.values():
+        keys += [k for k in r["stats"] if k not in keys]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["loss", "seed"] + [k.replace("/", "_") for k in keys])
+    for loss, r in rows.items():
+        for seed, values in (r.get("values") or {}).items():
+            w.writerow([loss, seed] + [repr(float(values[k])) if k in values else "" for k in keys])
+    return buf.getvalue()
+
+
+def compact_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> str:
+    """The leaderboard in one narrow table (``leaderboard_compact.md``): ECE before -> after temperature
+    scaling in one cell, MSP's AURC / AUGRC in one, and each score's mean AUROC / FPR@95 in one cell
+    (%, mean±std over seeds)."""
+    head, body = _compact_cells(rows, scores)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+#: LaTeX's ten special characters in text mode and their escaped forms.
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped (:data:`LATEX_ESCAPES`), for a tabular cell."""
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def leaderboard_latex(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str]) -> str:
+    """The compact leaderboard (:func:`compact_markdown`) as a booktabs tabular (``leaderboard.tex``;
+    needs ``\\usepackage{booktabs}``): one row per loss, mean ± std over seeds, same columns and units."""
+    pm, arrow = "\x00PM\x00", "\x00TO\x00"  # placeholders that survive escaping, then become math
+    head, body = _compact_cells(rows, scores, pm=pm, arrow=arrow)
+
+    def tex(cell: str) -> str:
+        return latex_escape(cell).replace(pm, r"$\pm$").replace(arrow, r"$\to$")
+
+    lines = ["% lossbench leaderboard: % values, mean $\\pm$ sample std over seeds; needs \\usepackage{booktabs}",
+             r"\begin{tabular}{l" + "c" * (len(head) - 1) + "}", r"\toprule",
+             " & ".join(tex(h) for h in head) + r" \\", r"\midrule"]
+    lines += [" & ".join(tex(c) for c in cells) + r" \\" for cells in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
