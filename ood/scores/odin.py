@@ -57,16 +57,25 @@ class ODIN(LogitScore):
     def _score_logits(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits / self.temperature, dim=1).amax(dim=1)
 
-    def preprocess(self, model: nn.Module, x: Tensor) -> Tensor:
-        """The pre-processed input ``x'`` (same shape as ``x``); ``x`` itself when eps = 0."""
-        if self.eps == 0:
-            return x
+    def input_gradient(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``d/dx`` of the cross-entropy of ``model(x) / T`` against its own prediction (summed)."""
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x) / self.temperature
             loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
-        return input_step(x.detach(), -gradient_sign(grad), self.eps, self.input_std)
+        return grad
+
+    def step_direction(self, grad: Tensor) -> Tensor:
+        """ODIN moves every entry against the gradient's sign (raising the softmax score)."""
+        return -gradient_sign(grad)
+
+    def preprocess(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The pre-processed input ``x'`` (same shape as ``x``); ``x`` itself when eps = 0."""
+        if self.eps == 0:
+            return x
+        grad = self.input_gradient(model, x)
+        return input_step(x.detach(), self.step_direction(grad), self.eps, self.input_std)
 
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
         parts = []
