@@ -16,6 +16,8 @@ from typing import Optional, Union
 __all__ = ["zip_damage"]
 
 _CHUNK = 1 << 20
+#: Compression methods :mod:`zipfile` decodes (``torch.save`` writes stored members).
+_DECODABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
 def zip_damage(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
@@ -31,6 +33,8 @@ def zip_damage(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
         return None
     with archive:
         for info in archive.infolist():
+            if info.compress_type not in _DECODABLE:  # a damaged header names an unknown method
+                return f"unreadable member {info.filename!r} (compression method {info.compress_type})"
             try:
                 with archive.open(info) as member:
                     while member.read(_CHUNK):
@@ -39,7 +43,6 @@ def zip_damage(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
                 if "CRC" in str(err):
                     return f"CRC mismatch in member {info.filename!r}"
                 return f"damaged member {info.filename!r} ({err})"
-            # NotImplementedError: zipfile's answer to a compression method it cannot decode
-            except (EOFError, ValueError, NotImplementedError, OSError, zlib.error) as err:
+            except (EOFError, ValueError, OSError, zlib.error) as err:
                 return f"unreadable member {info.filename!r} ({type(err).__name__}: {err})"
     return None

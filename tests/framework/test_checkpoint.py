@@ -176,3 +176,22 @@ def test_explicit_default_loss_args_resume_a_run_saved_without_them():
         check_resumable(demo, smooth, "run", "hint")
     # another loss: its name and the arguments that differ
     assert "loss: 'ce' -> 'focal'" in config_changes(demo, to_dict(parse_args(["--loss", "focal"])))
+
+
+def test_zip_damage_names_a_member_with_an_unknown_compression_method(tmp_path):
+    """A damaged central directory can name a compression method zipfile cannot decode: that is
+    reported as an unreadable member, not raised."""
+    import struct
+
+    import torch
+
+    from lossbench.integrity import zip_damage
+
+    path = tmp_path / "t.pt"
+    torch.save({"w": torch.arange(8.0)}, path)
+    assert zip_damage(path) is None
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")  # the first central-directory header; its method field is at +10
+    struct.pack_into("<H", data, at + 10, 99)
+    path.write_bytes(bytes(data))
+    assert "compression method 99" in zip_damage(path)
