@@ -42,20 +42,16 @@ from lossbench.cce import api, linear_cross_entropy
 impl, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 N, D, V, R = (int(x) for x in sys.argv[3:7])
 
-def status(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field + " not in /proc/self/status")
+# the bench's own probes (peak RSS via /proc/self/clear_refs + VmHWM), loaded from bench/cce.py
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_cce", "bench/cce.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
 
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+def status(field):
+    return bench.rss_mib(field) * 2 ** 20
+
+reset_peak = bench.reset_peak_rss
 
 if not reset_peak():
     print(json.dumps({"skip": "/proc/self/clear_refs is not writable"}))
