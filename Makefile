@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lossbench-installed
+DOCS_STAMP := $(VENV)/.lossbench-docs-installed
 # nvcc's toolkit, if any: `make test` (CI) compiles the extension's CUDA kernels with it (no GPU needed).
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null)))
 export CUDA_HOME
 
-.PHONY: install ext ext-cpu ext-cuda demo test test-fast bench clean
+.PHONY: install ext ext-cpu ext-cuda demo test test-fast docs bench clean
 
 install: $(STAMP)
 
@@ -41,5 +42,14 @@ test: install ext-cuda
 test-fast: install ext-cpu
 	LOSSBENCH_REQUIRE_EXT=1 LOSSBENCH_BUILD_CUDA=0 $(PY) -m pytest -q -m "not slow"
 
+# The documentation: the pages in docs/ and the API reference from the docstrings (Sphinx + MyST),
+# into docs/_build/html; every warning is an error (-W), and -E re-reads every page and docstring.
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
 clean:
-	rm -rf runs build *.egg-info
+	rm -rf runs build *.egg-info docs/_build

@@ -29,6 +29,7 @@ from .scores import (
     ASHB, ASHP, ASHS, DICE, FDBD, GEN, KNN, MDS, RMDS, SCALE, SHE, Classifier, FeatureData,
     FeatureScore, GradNorm, KLMatching, NNGuide, ReAct, Relation, ScoreNotApplicable, ViM,
     collect_features, resolve_classifier,
+    MDSNorm, RMDSNorm, NCI, VRA, AdaSCALEA, AdaSCALEL, IODIN, WeiPer, RankFeat, GRAM, NAC,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "FeatureScore", "FeatureData", "Classifier", "ScoreNotApplicable", "collect_features",
     "resolve_classifier", "ReAct", "ASHP", "ASHB", "ASHS", "SCALE", "KNN", "ViM", "GEN",
     "KLMatching", "MDS", "RMDS", "DICE", "GradNorm", "SHE", "FDBD", "NNGuide", "Relation",
+    "MDSNorm", "RMDSNorm", "NCI", "VRA", "AdaSCALEA", "AdaSCALEL", "IODIN", "WeiPer", "RankFeat", "GRAM", "NAC",
 ]

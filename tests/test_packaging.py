@@ -17,7 +17,8 @@ def _requirements():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     lines = cfg["options"]["install_requires"].strip().splitlines()
-    lines += cfg["options.extras_require"]["test"].strip().splitlines()
+    for extra in cfg["options.extras_require"].values():  # test, docs
+        lines += extra.strip().splitlines()
     return [Requirement(line.strip()) for line in lines if line.strip()]
 
 

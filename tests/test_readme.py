@@ -1,5 +1,7 @@
-"""Every Python block of the README runs unchanged (the names it leaves to the reader are bound here),
-and its train / eval / bench commands, run in reading order, find and never overwrite each other's folders."""
+"""Every Python block of the README and of the documentation's method pages runs unchanged (the names
+it leaves to the reader are bound here), and their train / eval / bench commands, run in reading order
+(the README, then the pages in the order of ``docs/index.md``), find and never overwrite each other's
+folders. The guides' blocks are run by ``tests/test_guides.py``."""
 
 import re
 import shlex
@@ -10,11 +12,27 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+DOCS = ROOT / "docs"
+
+
+def _toctree_pages():
+    """The pages of ``docs/index.md``'s toctrees, in their order (``api/*`` and guides excluded)."""
+    pages = []
+    for tree in re.findall(r"```\{toctree\}\n(.*?)```", (DOCS / "index.md").read_text(), re.S):
+        for line in tree.splitlines():
+            line = line.strip()
+            if line and not line.startswith(":") and not line.startswith(("api/", "guides/")):
+                pages.append(DOCS / f"{line}.md")
+    return pages
+
+
+PAGES = [ROOT / "README.md"] + _toctree_pages()
+BLOCKS = [(page.relative_to(ROOT).as_posix(), block) for page in PAGES
+          for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 def _namespace():
-    """What the README's snippets assume the reader has: data, a backbone, a model, loaders."""
+    """What the snippets assume the reader has: data, a backbone, a model, loaders."""
     from lossbench.framework.models import create_model
 
     g = torch.Generator().manual_seed(0)
@@ -36,17 +54,35 @@ def _namespace():
     }
 
 
+def test_every_docs_page_is_in_the_index():
+    """A page left out of ``docs/index.md`` would be built by nobody's reading order (and Sphinx warns)."""
+    listed = set(_toctree_pages())
+    for page in sorted(DOCS.glob("*.md")):
+        assert page.name == "index.md" or page in listed, f"{page.name} is in no toctree of docs/index.md"
+
+
 def test_the_readme_has_python_blocks():
-    assert len(BLOCKS) >= 2
+    assert sum(name == "README.md" for name, _ in BLOCKS) >= 1 and len(BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index):
-    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), _namespace())
+def test_python_block_runs(index):
+    name, block = BLOCKS[index]
+    exec(compile(block, f"{name} python block", "exec"), _namespace())
 
 
-# ---- the README's shell commands, run in reading order -------------------------------------------
-BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def test_readme_links_resolve():
+    """Every relative link of the README and the pages points at a file that exists (anchors aside)."""
+    for page in PAGES + sorted((DOCS / "guides").glob("*.md")):
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target or target.startswith("#"):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+
+
+# ---- the shell commands, run in reading order ------------------------------------------------------
+BASH_BLOCKS = [block for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
 SCRIPTS = ("train.py", "eval.py", "bench.py")
 
 
@@ -63,9 +99,9 @@ def _make_recipe(target):
 
 
 def readme_commands():
-    """``(script, argv)`` of every train.py / eval.py / bench.py command in the README's bash blocks,
-    in reading order; ``make demo`` stands for its recipe. Comments, line continuations, environment
-    assignments and launchers (``torchrun ...``) are taken away."""
+    """``(script, argv)`` of every train.py / eval.py / bench.py command in the bash blocks, in reading
+    order; ``make demo`` stands for its recipe. Comments, line continuations, environment assignments
+    and launchers (``torchrun ...``) are taken away."""
     out = []
     for block in BASH_BLOCKS:
         for line in block.replace("\\\n", " ").splitlines():
@@ -86,9 +122,9 @@ def _flag(argv, name):
 
 
 def test_readme_commands_run_in_order_without_colliding(monkeypatch):
-    """An ``eval.py --run`` folder is made by an earlier README train command; a train command
-    without ``--resume`` never lands in a folder an earlier one made (it would be refused); two
-    different ``bench.py`` commands never share an output folder (the second would be refused)."""
+    """An ``eval.py --run`` folder is made by an earlier train command; a train command without
+    ``--resume`` never lands in a folder an earlier one made (it would be refused); two different
+    ``bench.py`` commands never share an output folder (the second would be refused)."""
     import os
 
     import yaml
@@ -106,14 +142,17 @@ def test_readme_commands_run_in_order_without_colliding(monkeypatch):
             name = args.name or f"{args.data.split(':')[0]}-{args.model}-{args.loss}"  # the trainer's default
             folder = os.path.normpath(os.path.join(args.output, name))
             assert args.resume or folder not in made, \
-                f"README: `{shown}` writes {folder}, which `{made.get(folder)}` already made"
+                f"`{shown}` writes {folder}, which `{made.get(folder)}` already made"
             made.setdefault(folder, shown)
         elif script == "eval.py":
+            if _flag(argv, "--run") is None:  # a model from elsewhere (--model / --weights): no run folder
+                assert "--model" in argv, f"`{shown}` names neither --run nor --model"
+                continue
             folder = os.path.normpath(_flag(argv, "--run"))
-            assert folder in made, f"README: `{shown}` evaluates {folder}, which no earlier README train command makes"
+            assert folder in made, f"`{shown}` evaluates {folder}, which no earlier train command makes"
         else:
             config = yaml.safe_load(open(_flag(argv, "-c")))
             folder = os.path.normpath(_flag(argv, "--out") or config["output"])
             assert benches.get(folder, argv) == argv, \
-                f"README: `{shown}` writes {folder}, which a different bench command already made"
+                f"`{shown}` writes {folder}, which a different bench command already made"
             benches[folder] = argv

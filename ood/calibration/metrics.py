@@ -63,12 +63,12 @@ def reliability_bins(logits: Optional[Tensor] = None, target: Optional[Tensor] =
 
 def expected_calibration_error(logits: Optional[Tensor] = None, target: Optional[Tensor] = None, n_bins: int = 15,
                                from_probs: bool = False, *, probs: Optional[Tensor] = None) -> float:
-    """Expected calibration error with ``n_bins`` equal-width confidence bins (Guo et al., ICML 2017).
+    r"""Expected calibration error with ``n_bins`` equal-width confidence bins (Guo et al., ICML 2017).
 
-    ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|, bins ``((b-1)/B, b/B]``, 15 by default (Guo et
-    al.'s code). torchmetrics' ``MulticlassCalibrationError(norm='l1')`` uses ``[lo, hi)`` bins:
-    the two differ only for confidences exactly on a bin edge. Fewer samples than bins is allowed
-    (empty bins weigh 0).
+    :math:`\mathrm{ECE} = \sum_b \frac{|B_b|}{N} \, |\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`,
+    bins ``((b-1)/B, b/B]``, 15 by default (Guo et al.'s code). torchmetrics'
+    ``MulticlassCalibrationError(norm='l1')`` uses ``[lo, hi)`` bins: the two differ only for
+    confidences exactly on a bin edge. Fewer samples than bins is allowed (empty bins weigh 0).
     """
     check_n_bins(n_bins)
     _, _, conf, hit = _confidence(logits, target, from_probs, probs)
