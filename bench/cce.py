@@ -1,6 +1,6 @@
 """Cut cross-entropy: speed and memory of forward+backward against the alternatives.
 
-    python bench/cce.py --suite          # the README's tables: dense, peaked, bf16, LLM-shaped, filter bound
+    python bench/cce.py --suite          # the tables of docs/cce.md: dense, peaked, bf16, LLM-shaped, filter bound
     python bench/cce.py --suite --smoke  # the same cases on tiny shapes: checks every path runs
     python bench/cce.py                  # dense, N=8192, D=512, V in {32768, 131072}, CPU
     python bench/cce.py --kind peaked --vocab 32768
@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed runs after a warm-up")
     parser.add_argument("--quick", action="store_true", help="small, one timed run")
     parser.add_argument("--suite", action="store_true",
-                        help="the README's tables (about 15 min on a quiet 2-core CPU, plus "
+                        help="the tables of docs/cce.md (about 15 min on a quiet 2-core CPU, plus "
                              "30-45 min for the LLM-shaped case)")
     parser.add_argument("--smoke", action="store_true",
                         help="with --suite: the same cases on tiny shapes (checks that they run)")
