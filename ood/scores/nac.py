@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -197,33 +197,62 @@ class NAC(OODScore):
         return {ln: _sum_pool(captured[ln].detach().double(), fmt) * _sum_pool(g.detach().double(), fmt)
                 for ln, g in zip(names, grads)}
 
+    def _memo(self, loader: Iterable, what: str) -> Tuple[Any, Optional[Any]]:
+        """The :attr:`pass_memo` key of this loader's pass and what the memo holds for it (``None``)."""
+        key = ("nac", what, id(loader), self.layers, (self.valid_num, self.seed) if what == "fit" else None)
+        memo = self.pass_memo
+        hit = memo.get(key) if memo is not None else None
+        return key, (hit[1] if hit is not None and hit[0] is loader else None)
+
+    def _remember(self, key: Any, loader: Iterable, value: Any) -> None:
+        if self.pass_memo is not None:
+            self.pass_memo[key] = (loader, value)  # the loader itself is kept, so that its id is not reused
+
+    def _pass(self, model: nn.Module, loader: Iterable, subset: Optional[Tensor] = None,
+              labels: Optional[List[Tensor]] = None) -> Dict[str, Tensor]:
+        """``{layer: o * g}`` ``(N, D_l)`` of every sample of ``loader`` (of the ``subset`` rows only, for the
+        fit, with the loader's ``labels`` per batch as read first), in loader order. The states do not
+        depend on ``O``, ``M`` or ``sig_alpha``, the parameters searched, so an evaluation's search keeps
+        them in :attr:`pass_memo` and runs the model once per loader, not once per grid point."""
+        parts: Dict[str, List[Tensor]] = {}
+        with eval_mode(model):
+            if subset is None:
+                for x, _ in batches(loader, model_device(model)):
+                    for ln, st in self.states(model, x).items():
+                        parts.setdefault(ln, []).append(st)
+            else:
+                offsets = np.cumsum([0] + [t.numel() for t in labels])
+                for i, x, _ in ordered_batches(loader, labels, model_device(model), "nac fit"):
+                    sel = subset[offsets[i]:offsets[i + 1]]
+                    if sel.any():
+                        for ln, st in self.states(model, x[sel.to(x.device)]).items():
+                            parts.setdefault(ln, []).append(st)
+        if not parts:
+            raise ValueError("nac: the loader yielded no samples; expected a non-empty data set")
+        return {ln: torch.cat(p) for ln, p in parts.items()}
+
     # ------------------------------------------------------------------ fit / score
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "NAC":
         """Coverage of each layer's states on a class-balanced subset of ``loader`` (training data)."""
         self._resolve(model)
-        labels = loader_labels(loader, "nac fit")
-        subset = balanced_subset(torch.cat(labels), self.valid_num, self.seed)
-        if not subset.any():
-            raise ScoreNotApplicable(f"nac: valid_num = {self.valid_num} leaves no training sample per class "
-                                     f"({torch.unique(torch.cat(labels)).numel()} classes)")
-        offsets = np.cumsum([0] + [t.numel() for t in labels])
-        counts: Dict[str, Tensor] = {}
+        key, hit = self._memo(loader, "fit")
+        if hit is None:
+            labels = loader_labels(loader, "nac fit")
+            subset = balanced_subset(torch.cat(labels), self.valid_num, self.seed)
+            if not subset.any():
+                raise ScoreNotApplicable(f"nac: valid_num = {self.valid_num} leaves no training sample per class "
+                                         f"({torch.unique(torch.cat(labels)).numel()} classes)")
+            hit = (self._pass(model, loader, subset, labels), subset)
+            self._remember(key, loader, hit)
+        states, subset = hit
         self.edges_ = {ln: nac_edges(self._setting(ln)[1]) for ln in self.layers}
-        with eval_mode(model):
-            for i, x, _ in ordered_batches(loader, labels, model_device(model), "nac fit"):
-                sel = subset[offsets[i]:offsets[i + 1]]
-                if not sel.any():
-                    continue
-                for ln, st in self.states(model, x[sel.to(x.device)]).items():
-                    _, m, alpha = self._setting(ln)
-                    idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
-                    if ln not in counts:
-                        counts[ln] = torch.zeros(m, st.shape[1], dtype=torch.float64)  # row m - 1: outside
-                    counts[ln].scatter_add_(0, idx, torch.ones_like(st))
         self.coverage_ = {}
         for ln in self.layers:
-            o, m, _ = self._setting(ln)
-            cov = torch.clamp(counts[ln] / o, max=1.0)
+            o, m, alpha = self._setting(ln)
+            st = states[ln]
+            idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
+            counts = torch.zeros(m, st.shape[1], dtype=torch.float64).scatter_add_(0, idx, torch.ones_like(st))
+            cov = torch.clamp(counts / o, max=1.0)  # row m - 1: outside the edges
             cov[m - 1] = 0.0  # a state outside the edges covers nothing
             self.coverage_[ln] = cov
         self.subset_ = subset
@@ -233,16 +262,17 @@ class NAC(OODScore):
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
         if getattr(self, "coverage_", None) is None:
             raise RuntimeError("NAC is not fitted; call fit(model, loader) first")
-        parts = []
-        with eval_mode(model):
-            for x, _ in batches(loader, model_device(model)):
-                total = 0.0
-                for ln, st in self.states(model, x).items():
-                    if st.shape[1] != self.widths_[ln]:
-                        raise ValueError(f"nac layer {ln} has width {st.shape[1]}, the fit saw {self.widths_[ln]}; "
-                                         "score with the model it was fitted on")
-                    _, _, alpha = self._setting(ln)
-                    idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
-                    total = total + self.coverage_[ln].gather(0, idx).mean(dim=1)
-                parts.append(total / len(self.layers))
-        return concat_scores(parts, "nac score")
+        key, states = self._memo(loader, "score")
+        if states is None:
+            states = self._pass(model, loader)
+            self._remember(key, loader, states)
+        total = None
+        for ln, st in states.items():
+            if st.shape[1] != self.widths_[ln]:
+                raise ValueError(f"nac layer {ln} has width {st.shape[1]}, the fit saw {self.widths_[ln]}; "
+                                 "score with the model it was fitted on")
+            _, _, alpha = self._setting(ln)
+            idx = bin_index(torch.sigmoid(alpha * st), self.edges_[ln])
+            part = self.coverage_[ln].gather(0, idx).mean(dim=1)
+            total = part if total is None else total + part
+        return concat_scores([total / len(self.layers)], "nac score")

@@ -417,3 +417,38 @@ def test_nac_settings_grid_and_models():
         create_score("nac", layers=("avgpool",)).fit(ReluNet(), loader(_x(8, 0), torch.arange(8) % 4))
     with pytest.raises(ScoreNotApplicable, match="feature_info"):  # layer1..3 need timm stages
         create_score("nac", layers=("layer1",)).fit(ReluNet(), loader(_x(8, 0), torch.arange(8) % 4))
+
+
+def test_nac_search_runs_the_model_once_per_loader(resnet_model, monkeypatch):
+    """The states do not depend on the searched O / M / sig_alpha: the grid points of a search share
+    them (``pass_memo``), so the model runs once per loader, and every grid point's AUROC, the choice
+    and the test scores equal those of the search that recomputes them at every point."""
+    from ood import evaluate_ood
+    from ood.scores.nac import NAC
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(48) % 4
+    mk = lambda n, s: torch.randn(n, 3, 32, 32, generator=g) * s  # noqa: E731
+    fit, val, test = loader(mk(48, 1.0), y), loader(mk(16, 1.0), y[:16]), loader(mk(16, 1.0), y[:16])
+    vood, tood = loader(mk(16, 3.0)), loader(mk(16, 3.0))
+    fixed = {k: v[0] for k, v in NAC.GRID.items() if k not in ("layer1_O", "layer3_M")}  # 4 x 2 = 8 points
+    fixed["valid_num"] = 40
+    calls = []
+    real_states = NAC.states
+    monkeypatch.setattr(NAC, "states", lambda self, m, x: calls.append(len(x)) or real_states(self, m, x))
+
+    def run():
+        calls.clear()
+        out = evaluate_ood(resnet_model, fit, test, {"far": tood}, scores=["nac"], score_kwargs={"nac": fixed},
+                           val_loader=val, val_ood_loader=vood, search=True)
+        return out, sum(calls)
+
+    shared, n_shared = run()
+    assert n_shared == 40 + 16 + 16 + 16 + 16  # the fit subset, validation ID / OOD, test ID / OOD: once each
+    monkeypatch.setattr(NAC, "_remember", lambda self, key, loader, value: None)  # nothing kept
+    alone, n_alone = run()
+    assert n_alone == 8 * (40 + 16 + 16) + 40 + 16 + 16
+    assert shared["search"] == alone["search"] and len(shared["search"]["nac"]["grid"]) == 8
+    np.testing.assert_array_equal(shared["scores"]["nac"]["far"]["id"], alone["scores"]["nac"]["far"]["id"])
+    np.testing.assert_array_equal(shared["scores"]["nac"]["far"]["ood"], alone["scores"]["nac"]["far"]["ood"])
+    assert "pass_memo" not in shared["info"]["nac"]
