@@ -101,10 +101,10 @@ def _fit_all(objs: Mapping[str, OODScore], model: nn.Module, fit_loader: Iterabl
 
 def _search_all(names: Sequence[str], score_kwargs: Mapping[str, Mapping[str, Any]], model: nn.Module,
                 fit_loader: Iterable, val_loader: Iterable, val_ood_loader: Iterable, passes: FeaturePasses,
-                skipped: Dict[str, str], bar, memos: Dict[str, Dict[Any, Any]]) -> Dict[str, Dict[str, Any]]:
+                skipped: Dict[str, str], bar, memo: Dict[Any, Any]) -> Dict[str, Dict[str, Any]]:
     """:func:`ood.search.search_score` of every score with a grid, on (ID validation, validation OOD) only.
 
-    The grid points of one score share ``memos[name]`` (:attr:`~ood.scores.base.OODScore.pass_memo`)."""
+    The grid points share ``memo`` (:attr:`~ood.scores.base.OODScore.pass_memo`)."""
     cached: Dict[str, Any] = {}
 
     def train_and_classifier():
@@ -114,7 +114,7 @@ def _search_all(names: Sequence[str], score_kwargs: Mapping[str, Mapping[str, An
         return cached["train"], cached["classifier"]
 
     def evaluate_point(s: OODScore):
-        s.pass_memo = memos.setdefault(s.name, {})
+        s.pass_memo = memo
         if s.needs in ("features", "logits"):
             val = passes.get(val_loader, "val loader").float64()
             vood = passes.get(val_ood_loader, "validation OOD set").float64()
@@ -187,14 +187,14 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     bar = tqdm(total=(3 if search else 2) * len(scores), desc="OOD scores", disable=not progress, leave=False,
                dynamic_ncols=True)
     passes, skipped = feature_passes or FeaturePasses(model, feature_cache), {}
-    memos: Dict[str, Dict[Any, Any]] = {}  # model passes a score's grid points share (NAC's states)
+    memo: Dict[Any, Any] = {}  # model passes shared by the scores and grid points (NAC's states, ...)
     searched = _search_all(scores, score_kwargs, model, fit_loader, val_loader, val_ood_loader, passes, skipped,
-                           bar, memos) if search else {}
+                           bar, memo) if search else {}
     objs: Dict[str, OODScore] = {
         n: create_score(n, **dict(score_kwargs.get(n, {})), **(searched[n]["chosen"] if n in searched else {}))
         for n in scores}
-    for n, s in objs.items():  # the chosen point's fit reuses the search's training pass
-        s.pass_memo = memos.get(n)
+    for s in objs.values():  # the chosen point's fit reuses the search's passes
+        s.pass_memo = memo
     _fit_all(objs, model, fit_loader, val_loader, passes, skipped, bar)
     active = {n: s for n, s in objs.items() if n not in skipped}
 
@@ -208,7 +208,7 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     bar.close()
     for s in objs.values():
         s.pass_memo = None  # the states are not kept beyond this evaluation
-    memos.clear()
+    memo.clear()
     results, raw = _measure(objs, pairs, skipped, convention)
     info = {n: dict(s.info(), **({"skipped": skipped[n]} if n in skipped else {})) for n, s in objs.items()}
     for n, record in searched.items():

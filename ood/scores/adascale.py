@@ -193,22 +193,32 @@ class _AdaSCALE(OODScore):
             ht = penultimate_features(model, perturb_least_sensitive(x, grad, self.eps, self.o)).detach()
         return h, ht, z
 
+    def _loader_passes(self, model: nn.Module, loader: Iterable, what: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """(h, h~, float32 logits) of every sample of ``loader`` on the CPU. They depend on ``eps`` and ``o``,
+        not on the searched percentiles, so AdaSCALE-A and -L and every grid point of an evaluation share
+        them (:meth:`~ood.scores.base.OODScore.memoised`)."""
+
+        def compute() -> Tuple[Tensor, Tensor, Tensor]:
+            hs, hts, zs = [], [], []
+            with eval_mode(model):
+                for i, (x, _) in enumerate(batches(loader, model_device(model))):
+                    h, ht, z = self._passes(model, x, i)
+                    hs.append(h.cpu())
+                    hts.append(ht.cpu())
+                    zs.append(z.to("cpu", torch.float32))
+            if not hs:
+                raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+            return torch.cat(hs), torch.cat(hts), torch.cat(zs)
+
+        return self.memoised(("adascale", self.eps, self.o), loader, compute)
+
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "_AdaSCALE":
         """ECDF of ``Q'`` on ID validation data (``source``), and the model's classifier."""
         if self.source == "val" and val_loader is None:
             raise ScoreNotApplicable(f"{self.name} with source='val' needs ID validation data (val_loader)")
         use_val = val_loader is not None and self.source in ("auto", "val")
         data, what = (val_loader, "val loader") if use_val else (loader, "fit loader")
-        hs, hts, zs = [], [], []
-        with eval_mode(model):
-            for i, (x, _) in enumerate(batches(data, model_device(model))):
-                h, ht, z = self._passes(model, x, i)
-                hs.append(h.cpu())
-                hts.append(ht.cpu())
-                zs.append(z.to("cpu", torch.float32))
-        if not hs:
-            raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
-        h, ht, z = torch.cat(hs), torch.cat(hts), torch.cat(zs)
+        h, ht, z = self._loader_passes(model, data, what)
         classifier = resolve_classifier(model, FeatureData(h.float(), z))
         if not classifier.linear and classifier.logits_fn is None:
             raise ScoreNotApplicable(f"{self.name} needs the classifier (features -> logits); {classifier.reason}")
@@ -220,12 +230,8 @@ class _AdaSCALE(OODScore):
         classifier = getattr(self, "classifier_", None)
         if classifier is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(model, loader) first")
-        parts = []
-        with eval_mode(model):
-            for i, (x, _) in enumerate(batches(loader, model_device(model))):
-                h, ht, _ = self._passes(model, x, i)
-                parts.append(self.score_shift(h, ht, classifier))
-        return concat_scores(parts, f"{self.name} score")
+        h, ht, _ = self._loader_passes(model, loader, f"{self.name} score")
+        return concat_scores([self.score_shift(h, ht, classifier)], f"{self.name} score")
 
     def info(self) -> Dict[str, Any]:
         out = super().info()

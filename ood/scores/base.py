@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -108,11 +108,25 @@ class OODScore(abc.ABC):
 
     name: str = ""
     needs: str = "model"
-    #: A dict the evaluation shares between the grid points of one search (:func:`ood.evaluate_ood`:
+    #: A dict one evaluation shares between its scores and their grid points (:func:`ood.evaluate_ood`:
     #: same model, same loaders, nothing trained in between). A score whose model passes do not depend
-    #: on the parameters searched keeps them there, keyed by the loader, instead of recomputing them at
+    #: on the parameters searched keeps them there (:meth:`memoised`) instead of recomputing them at
     #: every point (NAC: 256 points, one forward and backward pass each). ``None``: nothing is kept.
     pass_memo: Optional[Dict[Any, Any]] = None
+
+    def memoised(self, key: Any, loader: Iterable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it gave for ``key`` and this very ``loader`` earlier in :attr:`pass_memo`.
+
+        ``key`` must name everything the pass depends on besides the model and the loader (the score
+        family and its fixed settings); the loader object itself is kept, so that its id is not reused."""
+        memo = self.pass_memo
+        hit = memo.get((key, id(loader))) if memo is not None else None
+        if hit is not None and hit[0] is loader:
+            return hit[1]
+        value = compute()
+        if memo is not None:
+            memo[(key, id(loader))] = (loader, value)
+        return value
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "OODScore":
         """Fit on in-distribution training data ``loader`` (no-op by default); returns ``self``.

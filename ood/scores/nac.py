@@ -197,17 +197,6 @@ class NAC(OODScore):
         return {ln: _sum_pool(captured[ln].detach().double(), fmt) * _sum_pool(g.detach().double(), fmt)
                 for ln, g in zip(names, grads)}
 
-    def _memo(self, loader: Iterable, what: str) -> Tuple[Any, Optional[Any]]:
-        """The :attr:`pass_memo` key of this loader's pass and what the memo holds for it (``None``)."""
-        key = ("nac", what, id(loader), self.layers, (self.valid_num, self.seed) if what == "fit" else None)
-        memo = self.pass_memo
-        hit = memo.get(key) if memo is not None else None
-        return key, (hit[1] if hit is not None and hit[0] is loader else None)
-
-    def _remember(self, key: Any, loader: Iterable, value: Any) -> None:
-        if self.pass_memo is not None:
-            self.pass_memo[key] = (loader, value)  # the loader itself is kept, so that its id is not reused
-
     def _pass(self, model: nn.Module, loader: Iterable, subset: Optional[Tensor] = None,
               labels: Optional[List[Tensor]] = None) -> Dict[str, Tensor]:
         """``{layer: o * g}`` ``(N, D_l)`` of every sample of ``loader`` (of the ``subset`` rows only, for the
@@ -235,16 +224,16 @@ class NAC(OODScore):
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "NAC":
         """Coverage of each layer's states on a class-balanced subset of ``loader`` (training data)."""
         self._resolve(model)
-        key, hit = self._memo(loader, "fit")
-        if hit is None:
+
+        def fit_pass() -> Tuple[Dict[str, Tensor], Tensor]:
             labels = loader_labels(loader, "nac fit")
             subset = balanced_subset(torch.cat(labels), self.valid_num, self.seed)
             if not subset.any():
                 raise ScoreNotApplicable(f"nac: valid_num = {self.valid_num} leaves no training sample per class "
                                          f"({torch.unique(torch.cat(labels)).numel()} classes)")
-            hit = (self._pass(model, loader, subset, labels), subset)
-            self._remember(key, loader, hit)
-        states, subset = hit
+            return self._pass(model, loader, subset, labels), subset
+
+        states, subset = self.memoised(("nac fit", self.layers, self.valid_num, self.seed), loader, fit_pass)
         self.edges_ = {ln: nac_edges(self._setting(ln)[1]) for ln in self.layers}
         self.coverage_ = {}
         for ln in self.layers:
@@ -262,10 +251,7 @@ class NAC(OODScore):
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
         if getattr(self, "coverage_", None) is None:
             raise RuntimeError("NAC is not fitted; call fit(model, loader) first")
-        key, states = self._memo(loader, "score")
-        if states is None:
-            states = self._pass(model, loader)
-            self._remember(key, loader, states)
+        states = self.memoised(("nac", self.layers), loader, lambda: self._pass(model, loader))
         total = None
         for ln, st in states.items():
             if st.shape[1] != self.widths_[ln]:

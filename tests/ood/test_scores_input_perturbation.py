@@ -445,10 +445,40 @@ def test_nac_search_runs_the_model_once_per_loader(resnet_model, monkeypatch):
 
     shared, n_shared = run()
     assert n_shared == 40 + 16 + 16 + 16 + 16  # the fit subset, validation ID / OOD, test ID / OOD: once each
-    monkeypatch.setattr(NAC, "_remember", lambda self, key, loader, value: None)  # nothing kept
+    monkeypatch.setattr(NAC, "memoised", lambda self, key, loader, compute: compute())  # nothing kept
     alone, n_alone = run()
     assert n_alone == 8 * (40 + 16 + 16) + 40 + 16 + 16
     assert shared["search"] == alone["search"] and len(shared["search"]["nac"]["grid"]) == 8
     np.testing.assert_array_equal(shared["scores"]["nac"]["far"]["id"], alone["scores"]["nac"]["far"]["id"])
     np.testing.assert_array_equal(shared["scores"]["nac"]["far"]["ood"], alone["scores"]["nac"]["far"]["ood"])
     assert "pass_memo" not in shared["info"]["nac"]
+
+
+def test_adascale_search_shares_its_perturbation_passes(monkeypatch):
+    """AdaSCALE's (h, h~, z) depend on eps and o, not on the searched percentiles: AdaSCALE-A and -L
+    and their 36 grid points share one pass per loader, with the results of recomputing each time."""
+    from ood import evaluate_ood
+    from ood.scores.adascale import _AdaSCALE
+
+    model = ReluNet().eval()
+    fit, val, test = (loader(_x(24, s), torch.arange(24) % 5) for s in (1, 2, 3))
+    vood, tood = loader(3 * _x(24, 4)), loader(3 * _x(24, 5))
+    calls = []
+    real = _AdaSCALE._passes
+    monkeypatch.setattr(_AdaSCALE, "_passes", lambda self, m, x, i: calls.append(len(x)) or real(self, m, x, i))
+
+    def run():
+        calls.clear()
+        out = evaluate_ood(model, fit, test, {"far": tood}, scores=["adascale_a", "adascale_l"],
+                           val_loader=val, val_ood_loader=vood, search=True)
+        return out, sum(calls)
+
+    shared, n_shared = run()
+    assert n_shared == 4 * 24  # validation ID (fit and search), validation OOD, test ID, test OOD: once each
+    monkeypatch.setattr(_AdaSCALE, "memoised", lambda self, key, loader, compute: compute())
+    alone, n_alone = run()
+    assert n_alone > 36 * n_shared
+    assert shared["search"] == alone["search"]
+    for n in ("adascale_a", "adascale_l"):
+        np.testing.assert_array_equal(shared["scores"][n]["far"]["id"], alone["scores"][n]["far"]["id"])
+        np.testing.assert_array_equal(shared["scores"][n]["far"]["ood"], alone["scores"][n]["far"]["ood"])
