@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .distributed import all_true, rank_share, world
+from .distributed import all_true, rank_share, shared_pass, world
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, get_score_class
 from .scores.base import OODScore, batches, eval_mode, model_device
@@ -18,6 +18,11 @@ from .scores.feature_base import FeatureData, ScoreNotApplicable, collect_featur
 
 
 def _logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
+    """``model(x)`` of every sample of ``loader`` (CPU), shared out over the ranks under ``torchrun``."""
+    return shared_pass(lambda part: _local_logits(model, part, what), loader, what)
+
+
+def _local_logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
     parts = []
     with eval_mode(model), torch.no_grad():
         for x, _ in batches(loader, model_device(model)):

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from lossbench.validation import check_finite, check_float, check_number, check_positive
 
+from ..distributed import shared_pass
 from ..features import penultimate_features
 from ..registry import register_score
 from .base import OODScore, batches, concat_scores, eval_mode, model_device
@@ -193,12 +194,8 @@ class _AdaSCALE(OODScore):
             ht = penultimate_features(model, perturb_least_sensitive(x, grad, self.eps, self.o)).detach()
         return h, ht, z
 
-    def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "_AdaSCALE":
-        """ECDF of ``Q'`` on ID validation data (``source``), and the model's classifier."""
-        if self.source == "val" and val_loader is None:
-            raise ScoreNotApplicable(f"{self.name} with source='val' needs ID validation data (val_loader)")
-        use_val = val_loader is not None and self.source in ("auto", "val")
-        data, what = (val_loader, "val loader") if use_val else (loader, "fit loader")
+    def _fit_rows(self, model: nn.Module, data: Iterable, what: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """(h, h~, logits) of every sample of ``data``."""
         hs, hts, zs = [], [], []
         with eval_mode(model):
             for i, (x, _) in enumerate(batches(data, model_device(model))):
@@ -208,7 +205,15 @@ class _AdaSCALE(OODScore):
                 zs.append(z.to("cpu", torch.float32))
         if not hs:
             raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
-        h, ht, z = torch.cat(hs), torch.cat(hts), torch.cat(zs)
+        return torch.cat(hs), torch.cat(hts), torch.cat(zs)
+
+    def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "_AdaSCALE":
+        """ECDF of ``Q'`` on ID validation data (``source``), and the model's classifier."""
+        if self.source == "val" and val_loader is None:
+            raise ScoreNotApplicable(f"{self.name} with source='val' needs ID validation data (val_loader)")
+        use_val = val_loader is not None and self.source in ("auto", "val")
+        data, what = (val_loader, "val loader") if use_val else (loader, "fit loader")
+        h, ht, z = shared_pass(lambda part: self._fit_rows(model, part, what), data, f"{self.name} fit")
         classifier = resolve_classifier(model, FeatureData(h.float(), z))
         if not classifier.linear and classifier.logits_fn is None:
             raise ScoreNotApplicable(f"{self.name} needs the classifier (features -> logits); {classifier.reason}")
