@@ -161,7 +161,9 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     (:class:`ood.feature_cache.FeatureCache`) keeps the passes on disk. A score that cannot run
     on this model or data (:class:`~ood.scores.feature_base.ScoreNotApplicable`, e.g. ViM on a
     non-linear head) is skipped: no results, its reason under ``'skipped'`` and in its ``info``.
-    ``progress`` shows a tqdm bar over the scores.
+    ``progress`` shows a tqdm bar over the scores. Under ``torchrun`` every rank calls this together and
+    every per-loader pass is shared out over the ranks and gathered (:mod:`ood.distributed`), with
+    the single-process result on every rank.
 
     OpenOOD's protocol (:mod:`ood.search`): ``ood_groups`` (``{'near': [...], 'far': [...]}``, names
     of ``ood_loaders``) adds each group's mean metrics; ``search=True`` chooses the grid point of every
