@@ -15,7 +15,8 @@ are brought to the model's own normalisation and input size):
         --weights vit_c10.safetensors --data cifar10 --scores all --out runs/vit
 
 Under ``torchrun`` (``torchrun --standalone --nproc_per_node=2 eval.py --run runs/demo``) the ranks share
-the feature passes out and gather them (the same numbers as one process); rank 0 alone writes the outputs.
+the evaluation's per-loader passes out and gather them (the same numbers as one process); rank 0 alone
+writes the outputs.
 
 The loss x score benchmark has its own script: ``python bench.py -c configs/bench_digits.yaml``.
 """
@@ -127,7 +128,7 @@ def _ood_sets(args):
 
 def _init_distributed(args) -> bool:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group, one GPU per rank (``cuda:<LOCAL_RANK>``);
-    the ranks share the feature passes out (:mod:`ood.distributed`). True on the rank that writes the outputs
+    the ranks share the evaluation's passes out (:mod:`ood.distributed`). True on the rank that writes the outputs
     (rank 0, or the only process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True

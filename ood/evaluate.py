@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .distributed import all_true, rank_share, world
+from .distributed import all_true, rank_share, shared_pass, world
 from .metrics import CONVENTIONS, ood_metrics
 from .registry import create_score, get_score_class
 from .scores.base import OODScore, batches, eval_mode, model_device
@@ -18,6 +18,11 @@ from .scores.feature_base import FeatureData, ScoreNotApplicable, collect_featur
 
 
 def _logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
+    """``model(x)`` of every sample of ``loader`` (CPU), shared out over the ranks under ``torchrun``."""
+    return shared_pass(lambda part: _local_logits(model, part, what), loader, what)
+
+
+def _local_logits(model: nn.Module, loader: Iterable, what: str) -> Tensor:
     parts = []
     with eval_mode(model), torch.no_grad():
         for x, _ in batches(loader, model_device(model)):
@@ -159,7 +164,9 @@ def evaluate_ood(model: nn.Module, fit_loader: Iterable, id_loader: Iterable,
     (:class:`ood.feature_cache.FeatureCache`) keeps the passes on disk. A score that cannot run
     on this model or data (:class:`~ood.scores.feature_base.ScoreNotApplicable`, e.g. ViM on a
     non-linear head) is skipped: no results, its reason under ``'skipped'`` and in its ``info``.
-    ``progress`` shows a tqdm bar over the scores.
+    ``progress`` shows a tqdm bar over the scores. Under ``torchrun`` every rank calls this together and
+    every per-loader pass is shared out over the ranks and gathered (:mod:`ood.distributed`), with
+    the single-process result on every rank.
 
     OpenOOD's protocol (:mod:`ood.search`): ``ood_groups`` (``{'near': [...], 'far': [...]}``, names
     of ``ood_loaders``) adds each group's mean metrics; ``search=True`` chooses the grid point of every

@@ -27,6 +27,7 @@ from ood.calibration import (
     HistogramBinning, IsotonicCalibration, MatrixScaling, TemperatureScaling, VectorScaling, calibration_metrics,
     reliability_bins,
 )
+from ood.distributed import shared_pass
 
 from ..errors import UserInputError
 from ..framework.builders import classification_metrics, load_run, make_loader, predict
@@ -208,7 +209,9 @@ def evaluate_model(model: nn.Module, bundle: DataBundle,
     calibration = calibration_block(logits, labels, val_d.logits, val_d.labels)
     failure = failure_block(logits, labels, calibration["temperature"])
     if tta:
-        tta_logits, tta_labels = predict(model, test_loader, next(model.parameters()).device, tta=tta)
+        device = next(model.parameters()).device  # under torchrun the ranks share the pass out, as the others
+        tta_logits, tta_labels = shared_pass(lambda part: predict(model, part, device, tta=tta), test_loader,
+                                             "test-time augmentation pass")
         m = classification_metrics(tta_logits, tta_labels)
         test.update(acc_tta=m["acc"], ece_tta=m["ece"], loss_tta=m["loss"], tta_level=int(tta))
     ood_loaders = {}

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from lossbench.validation import check_finite, check_float, check_number, check_positive
 
+from ..distributed import shared_pass
 from ..features import penultimate_features
 from ..registry import register_score
 from .base import OODScore, batches, concat_scores, eval_mode, model_device
@@ -193,24 +194,23 @@ class _AdaSCALE(OODScore):
             ht = penultimate_features(model, perturb_least_sensitive(x, grad, self.eps, self.o)).detach()
         return h, ht, z
 
-    def _loader_passes(self, model: nn.Module, loader: Iterable, what: str) -> Tuple[Tensor, Tensor, Tensor]:
-        """(h, h~, float32 logits) of every sample of ``loader`` on the CPU. They depend on ``eps`` and ``o``,
-        not on the searched percentiles, so AdaSCALE-A and -L and every grid point of an evaluation share
-        them (:meth:`~ood.scores.base.OODScore.memoised`)."""
+    def _memo_key(self) -> Tuple[str, float, float]:
+        """The :meth:`~ood.scores.base.OODScore.memoised` key of the passes: they depend on ``eps`` and
+        ``o``, not on the searched percentiles, so AdaSCALE-A and -L and every grid point share them."""
+        return ("adascale", self.eps, self.o)
 
-        def compute() -> Tuple[Tensor, Tensor, Tensor]:
-            hs, hts, zs = [], [], []
-            with eval_mode(model):
-                for i, (x, _) in enumerate(batches(loader, model_device(model))):
-                    h, ht, z = self._passes(model, x, i)
-                    hs.append(h.cpu())
-                    hts.append(ht.cpu())
-                    zs.append(z.to("cpu", torch.float32))
-            if not hs:
-                raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
-            return torch.cat(hs), torch.cat(hts), torch.cat(zs)
-
-        return self.memoised(("adascale", self.eps, self.o), loader, compute)
+    def _rows(self, model: nn.Module, data: Iterable, what: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """(h, h~, float32 logits) of every sample of ``data``, on the CPU."""
+        hs, hts, zs = [], [], []
+        with eval_mode(model):
+            for i, (x, _) in enumerate(batches(data, model_device(model))):
+                h, ht, z = self._passes(model, x, i)
+                hs.append(h.cpu())
+                hts.append(ht.cpu())
+                zs.append(z.to("cpu", torch.float32))
+        if not hs:
+            raise ValueError(f"{what}: the loader yielded no samples; expected a non-empty data set")
+        return torch.cat(hs), torch.cat(hts), torch.cat(zs)
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "_AdaSCALE":
         """ECDF of ``Q'`` on ID validation data (``source``), and the model's classifier."""
@@ -218,7 +218,8 @@ class _AdaSCALE(OODScore):
             raise ScoreNotApplicable(f"{self.name} with source='val' needs ID validation data (val_loader)")
         use_val = val_loader is not None and self.source in ("auto", "val")
         data, what = (val_loader, "val loader") if use_val else (loader, "fit loader")
-        h, ht, z = self._loader_passes(model, data, what)
+        h, ht, z = self.memoised(self._memo_key(), data, lambda: shared_pass(
+            lambda part: self._rows(model, part, what), data, f"{self.name} fit"))
         classifier = resolve_classifier(model, FeatureData(h.float(), z))
         if not classifier.linear and classifier.logits_fn is None:
             raise ScoreNotApplicable(f"{self.name} needs the classifier (features -> logits); {classifier.reason}")
@@ -230,7 +231,7 @@ class _AdaSCALE(OODScore):
         classifier = getattr(self, "classifier_", None)
         if classifier is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(model, loader) first")
-        h, ht, _ = self._loader_passes(model, loader, f"{self.name} score")
+        h, ht, _ = self.memoised(self._memo_key(), loader, lambda: self._rows(model, loader, f"{self.name} score"))
         return concat_scores([self.score_shift(h, ht, classifier)], f"{self.name} score")
 
     def info(self) -> Dict[str, Any]:

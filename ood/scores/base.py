@@ -142,9 +142,20 @@ class OODScore(abc.ABC):
 
     def evaluate(self, model: nn.Module, id_loader: Iterable,
                  ood_loaders: Mapping[str, Iterable]) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """``{ood_set: (id_scores, ood_scores)}``: the ID test set scored once, each OOD set once."""
-        s_in = self.score(model, id_loader)
-        return {name: (s_in, self.score(model, loader)) for name, loader in ood_loaders.items()}
+        """``{ood_set: (id_scores, ood_scores)}``: the ID test set scored once, each OOD set once.
+
+        Under ``torchrun`` each loader's pass is shared out over the ranks and gathered
+        (:func:`ood.distributed.shared_pass`; every rank must call this together), with the
+        single-process scores on every rank."""
+        s_in = self.score_pass(model, id_loader)
+        return {name: (s_in, self.score_pass(model, loader)) for name, loader in ood_loaders.items()}
+
+    def score_pass(self, model: nn.Module, loader: Iterable) -> Tensor:
+        """:meth:`score` of ``loader``, shared out over the ranks of a process group when there is one
+        (:func:`ood.distributed.shared_pass`; the scores are per sample, so they equal one process's)."""
+        from ..distributed import shared_pass
+
+        return shared_pass(lambda part: self.score(model, part), loader, f"{self.name or type(self).__name__} score")
 
     def result_note(self) -> Optional[str]:
         """A remark the evaluator attaches to every metrics entry of this score (``None``: none)."""

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from lossbench.validation import check_features, check_finite, check_float, check_positive, check_target
 
+from ..distributed import shared_pass
 from ..features import FeatureExtractor, Layers, backbone_of
 from ..metrics import ood_metrics
 from ..registry import register_score
@@ -321,7 +322,9 @@ class Mahalanobis(OODScore):
         if protocol == "simple" and len(self.extractor_.layers) != 1:
             raise ValueError("protocol 'simple' scores one layer; pass layers='penultimate' or one index")
         num_classes = self._num_classes(model)
-        feats, labels, width = _collect_features(model, self.extractor_, loader, logits_width=num_classes is None)
+        feats, labels, width = shared_pass(
+            lambda part: _collect_features(model, self.extractor_, part, logits_width=num_classes is None), loader,
+            "mahalanobis fit")
         self.protocol_ = protocol
         self.layer_names_ = self.extractor_.names
         self.fit_features(feats, labels, num_classes if num_classes is not None else width)
@@ -329,13 +332,20 @@ class Mahalanobis(OODScore):
         self.eps_ = 0.0 if self.eps == "auto" else float(self.eps)
         if protocol == "validation":
             grid = self.eps_grid if self.eps == "auto" else (float(self.eps),)
-            id_grid = self.layer_scores(model, val_loader, grid)
-            ood_grid = self.layer_scores(model, _FGSMLoader(model, val_loader, self.fgsm_eps, self.input_std), grid)
+            id_grid = self.shared_layer_scores(model, val_loader, grid)
+            ood_grid = shared_pass(lambda part: self.layer_scores(
+                model, _FGSMLoader(model, part, self.fgsm_eps, self.input_std), grid), val_loader, "mahalanobis FGSM")
             if ood_val_loader is not None:
-                extra = self.layer_scores(model, ood_val_loader, grid)
+                extra = self.shared_layer_scores(model, ood_val_loader, grid)
                 ood_grid = {e: torch.cat([ood_grid[e], extra[e]]) for e in grid}
             self.eps_, self.combiner_, self.selection_ = _select_eps(id_grid, ood_grid, id_grid, ood_grid)
         return self
+
+    def shared_layer_scores(self, model: nn.Module, loader: Iterable,
+                            eps_list: Sequence[float]) -> Dict[float, Tensor]:
+        """:meth:`layer_scores`, shared out over the ranks under ``torchrun`` (per sample, so the
+        single-process scores on every rank: :func:`ood.distributed.shared_pass`)."""
+        return shared_pass(lambda part: self.layer_scores(model, part, eps_list), loader, "mahalanobis layer scores")
 
     def layer_scores(self, model: nn.Module, loader: Iterable,
                      eps_list: Sequence[float]) -> Dict[float, Tensor]:
@@ -417,11 +427,11 @@ class Mahalanobis(OODScore):
         if self.protocol_ != "paper":
             return super().evaluate(model, id_loader, ood_loaders)
         grid = self.paper_grid()
-        id_grid = self.layer_scores(model, id_loader, grid)
+        id_grid = self.shared_layer_scores(model, id_loader, grid)
         out: Dict[str, Tuple[Tensor, Tensor]] = {}
         eps: Dict[str, float] = {}
         for name, loader in ood_loaders.items():
-            out[name] = self.fit_paper_scores(id_grid, self.layer_scores(model, loader, grid))
+            out[name] = self.fit_paper_scores(id_grid, self.shared_layer_scores(model, loader, grid))
             eps[name] = self.eps_
         self.paper_eps_ = eps
         return out

@@ -1,5 +1,7 @@
-"""Feature passes under torchrun: two gloo ranks on the CPU share the loader out and gather the
-result, which equals the single-process pass exactly, in the original order."""
+"""Evaluation passes under torchrun: two gloo ranks on the CPU share each loader out and gather the
+result, which equals the single-process pass exactly, in the original order: the feature pass, the
+logit pass of the logit scores, the model scores' passes (ODIN, i-ODIN, Mahalanobis) and the
+test-time-augmentation pass of evaluate_model. Without a process group no collective is called."""
 
 import os
 import subprocess
@@ -38,6 +40,26 @@ def test_two_ranks_gather_the_single_process_features(tmp_path):
             assert got[key].dtype == one[key].dtype, key
             assert torch.equal(got[key], one[key]), (r, key)  # exact, in the original order
         assert got["auroc"] == one["auroc"]
+        for key in ("logit_scores", "model_scores", "run_scores"):  # per sample, exact, on both ranks
+            assert set(got[key]) == set(one[key]), key
+            for score, sets in one[key].items():
+                for name, (s_in, s_out) in sets.items():
+                    g_in, g_out = got[key][score][name]
+                    assert torch.equal(g_in, s_in) and torch.equal(g_out, s_out), (r, key, score, name)
+        assert got["model_auroc"] == one["model_auroc"]
+        assert got["run_test"] == one["run_test"] and "acc_tta" in one["run_test"]  # accuracy, with TTA
+        assert got["run_temperature"] == one["run_temperature"]
+        p, q = got["pass"], one["pass"]
+        assert torch.equal(p["rows"][0], q["rows"][0]) and p["rows"][0].dtype == torch.float64
+        assert all(torch.equal(p["rows"][1][k], q["rows"][1][k]) and p["rows"][1][k].dtype == q["rows"][1][k].dtype
+                   for k in ("i", "odd"))
+        assert p["rows"][2:] == q["rows"][2:] == (0, None)  # the loader's first batch (rank 0's), None
+        assert p[(30,)] == q[(30,)] == "sample 30"  # raised on rank 1 only, on both as one process
+        assert p[(3, 30)] == q[(3, 30)] == "sample 3"  # the first failing rank's, as one process meets it
+        assert torch.equal(p["empty"], q["empty"])
+    for key in ("logit_seen", "model_seen", "run_seen"):  # every sample run once, on one rank
+        seen = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False)[key] for r in (0, 1)]
+        assert sum(seen) == one[key] and min(seen) > 0, (key, seen, one[key])
 
 
 def test_rank_share_splits_whole_batches_without_duplicates(monkeypatch):
@@ -85,3 +107,29 @@ def test_gather_keeps_shapes_and_label_dtypes(tmp_path):
         assert gather_feature_data(None, None, None) is None
     finally:
         dist.destroy_process_group()
+
+
+def test_no_process_group_no_collective(monkeypatch):
+    """Without a process group, the evaluation (logit, model and feature scores; evaluate_model with its
+    TTA pass) calls no collective at all."""
+    import torch.distributed as dist
+
+    import dist_features_worker as w
+    from ood import evaluate_ood
+
+    def refuse(*a, **k):
+        raise AssertionError("a collective was called without a process group")
+
+    for name in ("all_gather", "all_gather_object", "all_reduce", "broadcast", "barrier", "get_world_size",
+                 "get_rank", "get_backend"):
+        monkeypatch.setattr(dist, name, refuse)
+    model = w.Model().eval()
+    train, test, ood = w.loaders()
+    res = evaluate_ood(model, train, test, {"far": ood}, scores=("msp", "energy", "odin", "gradnorm", "mahalanobis"),
+                       score_kwargs={"mahalanobis": {"eps": 0.01}})
+    assert not res["skipped"] and set(res["results"]) == {"msp", "energy", "odin", "gradnorm", "mahalanobis"}
+    assert set(evaluate_ood(model, train, test, {"far": ood}, scores=("msp",))["results"]) == {"msp"}
+    image = w.ImageModel().eval()
+    run = w.evaluate_model(image, w.image_bundle(), ood_sets=["gaussian"], scores=["msp", "odin"], batch_size=8,
+                           n_noise=23, tta=1)
+    assert "acc_tta" in run["test"]
