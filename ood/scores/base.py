@@ -98,6 +98,16 @@ def public_override(cls: type, base: type, public: str, private: str) -> None:
     setattr(cls, public, getattr(base, public))
 
 
+def _identity(source: Any) -> Tuple[Any, ...]:
+    """What :meth:`OODScore.memoised` knows a source by: a tensor by its storage, view and version
+    counter (so a detached view of the same data is the same source, and an in-place change is not),
+    anything else by its ``id``."""
+    if isinstance(source, Tensor):
+        return ("tensor", source.untyped_storage().data_ptr(), source.storage_offset(), tuple(source.shape),
+                tuple(source.stride()), source.dtype, str(source.device), source._version)
+    return ("object", id(source))
+
+
 class OODScore(abc.ABC):
     """Base class of every OOD score: ``fit`` then ``score``; higher = more in-distribution.
 
@@ -114,18 +124,20 @@ class OODScore(abc.ABC):
     #: every point (NAC: 256 points, one forward and backward pass each). ``None``: nothing is kept.
     pass_memo: Optional[Dict[Any, Any]] = None
 
-    def memoised(self, key: Any, loader: Iterable, compute: Callable[[], Any]) -> Any:
-        """``compute()``, or what it gave for ``key`` and this very ``loader`` earlier in :attr:`pass_memo`.
+    def memoised(self, key: Any, source: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it gave for ``key`` and this very ``source`` (a loader, or a tensor of
+        the evaluation's shared pass) earlier in :attr:`pass_memo`.
 
-        ``key`` must name everything the pass depends on besides the model and the loader (the score
-        family and its fixed settings); the loader object itself is kept, so that its id is not reused."""
+        ``key`` must name everything the result depends on besides the model and the source (the score
+        family and its settings); the source object itself is kept, so that its id is not reused."""
         memo = self.pass_memo
-        hit = memo.get((key, id(loader))) if memo is not None else None
-        if hit is not None and hit[0] is loader:
+        ident = _identity(source)
+        hit = memo.get((key, ident)) if memo is not None else None
+        if hit is not None:
             return hit[1]
         value = compute()
         if memo is not None:
-            memo[(key, id(loader))] = (loader, value)
+            memo[(key, ident)] = (source, value)  # the source is kept: its id / storage is not reused
         return value
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "OODScore":

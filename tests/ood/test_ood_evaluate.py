@@ -152,3 +152,28 @@ def test_evaluator_uses_only_the_score_interface():
         assert out["info"]["_per_set_test"] == {"offset": 1.0, "custom": True}
     finally:
         SCORES._entries.pop("_per_set_test")
+
+
+def test_memoised_knows_a_tensor_by_its_data_and_version():
+    """A detached view of the same data is the same source; an in-place change, another key or no memo
+    recomputes."""
+    import torch
+
+    from ood import create_score
+
+    s = create_score("msp")
+    s.pass_memo = {}
+    t, calls = torch.ones(3), []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    assert s.memoised("k", t, compute) == 1
+    assert s.memoised("k", t.detach(), compute) == 1
+    t.add_(1)
+    assert s.memoised("k", t, compute) == 2
+    assert s.memoised("k2", t, compute) == 3
+    s.pass_memo = None
+    assert s.memoised("k", t, compute) == 4
+    assert "pass_memo" not in s.info() and "pass_memo" not in repr(s)

@@ -242,3 +242,38 @@ def test_weiper_grid_is_the_authors_sweep():
     assert grid == {"lambda_1": (0.1, 1.0, 2.5, 4.0), "lambda_2": (0.1, 0.25, 1.0, 2.5, 5.0), "n_bins": (60, 80, 100),
                     "delta": (1.8, 2.0, 2.2, 2.4), "s1": (4, 8, 12, 20, 40), "s2": (15, 25, 40)}
     assert np.prod([len(v) for v in grid.values()]) == 3600
+
+
+def test_weiper_search_fits_once_per_delta_and_bins(monkeypatch):
+    """WeiPer's fit and densities depend on delta, n_bins, R and the seed, not on lambda_1, lambda_2,
+    s1, s2: a search fits once per (delta, n_bins) and gives every grid point's AUROC, the choice and
+    the test scores of the search that refits at every point."""
+    from conftest import LinearFeatureModel, loader
+    from ood import evaluate_ood
+    from ood.scores.weiper import WeiPer
+
+    g = torch.Generator().manual_seed(0)
+    model = LinearFeatureModel(8, 16, 3).eval()
+    mk = lambda n, s: torch.randn(n, 8, generator=g, dtype=torch.float64) * s  # noqa: E731
+    y = torch.arange(60) % 3
+    fit, val, test = loader(mk(60, 1.0), y), loader(mk(30, 1.0), y[:30]), loader(mk(30, 1.0), y[:30])
+    vood, tood = loader(mk(30, 3.0)), loader(mk(30, 3.0))
+    kw = {"weiper": {"repeats": 4, "lambda_1": 1.0, "s2": 15}}  # lambda_2 x n_bins x delta x s1: 5 x 3 x 4 x 5 = 300 points
+    fits = []
+    real = WeiPer._densities
+    monkeypatch.setattr(WeiPer, "_densities", lambda self, h: fits.append(len(h)) or real(self, h))
+
+    def run():
+        fits.clear()
+        out = evaluate_ood(model, fit, test, {"far": tood}, scores=["weiper"], score_kwargs=kw,
+                           val_loader=val, val_ood_loader=vood, search=True)
+        return out, len(fits)
+
+    shared, n_shared = run()
+    assert n_shared == 4 * 3 * 3 + 2  # per (delta, n_bins): train, val ID, val OOD; then test ID and OOD
+    monkeypatch.setattr(WeiPer, "memoised", lambda self, key, source, compute: compute())
+    alone, n_alone = run()
+    assert n_alone == 300 * 3 + 1 + 2  # each point: train, val ID, val OOD; the chosen point's refit
+    assert shared["search"] == alone["search"] and len(shared["search"]["weiper"]["grid"]) == 300
+    for side in ("id", "ood"):
+        np.testing.assert_array_equal(shared["scores"]["weiper"]["far"][side], alone["scores"]["weiper"]["far"][side])
