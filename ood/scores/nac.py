@@ -21,7 +21,7 @@ from .feature_base import ScoreNotApplicable, _logits_fn
 from .labelled_passes import balanced_subset, loader_labels, ordered_batches
 
 #: The four NAC layers of a ResNet and where they are here: the pooled penultimate features and
-#: the outputs of the last-but-one, -two and -three timm stages (layer3, layer2, layer1).
+#: the outputs of the last-but-one, -two and -three stages (:func:`ood.stages.find_stages`; layer3, layer2, layer1).
 LAYERS: Dict[str, Any] = {"avgpool": "penultimate", "layer3": -2, "layer2": -3, "layer1": -4}
 #: The official ImageNet ResNet-50 settings (``configs/postprocessors/nac/resnet/nac_imagenet.yml``).
 NAC_IMAGENET_RESNET50 = {

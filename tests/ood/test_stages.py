@@ -81,6 +81,7 @@ def test_swin_stages_are_channels_last():
     assert stages.layouts == ("NHWC", "NHWC", "NCHW")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_rankfeat_on_torchvision_resnet_matches_the_transcription(temperature):
     """Before ood.stages, RankFeat raised ScoreNotApplicable on any torchvision model."""
@@ -116,6 +117,7 @@ def test_rankfeat_refuses_token_models_and_single_stage_nets():
         create_score("rankfeat").fit(seq, loader(torch.randn(4, 3, 32, 32)))
 
 
+@pytest.mark.slow
 def test_nac_on_torchvision_resnet_matches_the_transcription():
     """Before, NAC raised ScoreNotApplicable (no timm stages, no head.logits) on torchvision models."""
     model = _resnet18(1)
