@@ -11,6 +11,7 @@ from .adapter import AdaptedClassifier, adapt_classifier
 from .evaluate import FeaturePasses, evaluate_ood
 from .feature_cache import FeatureCache
 from .features import FeatureExtractor, penultimate_features
+from .stages import Stages, find_stages
 from .metrics import CONVENTIONS, ood_metrics
 from .failure import (
     aurc, augrc, aurc_optimal, coverage_at_risk, eaurc, failure_metrics, risk_at_coverage, risk_coverage_curve,
@@ -41,7 +42,7 @@ __all__ = [
     "maximum_calibration_error", "brier_score", "negative_log_likelihood", "calibration_metrics",
     "reliability_bins", "TemperatureScaling", "fit_temperature", "VectorScaling", "MatrixScaling",
     "HistogramBinning", "IsotonicCalibration",
-    "FeatureExtractor", "penultimate_features",
+    "FeatureExtractor", "penultimate_features", "Stages", "find_stages",
     "OODScore", "LogitScore", "MSP", "Energy", "MaxLogit", "ODIN", "Mahalanobis",
     "fit_class_gaussian", "mahalanobis_distances",
     "MAHALANOBIS_EPS_GRID", "ODIN_EPS_GRID", "ODIN_TEMPERATURES",

@@ -39,16 +39,18 @@ class AdaptedClassifier(nn.Module):
     """``model`` seen as ``head(features(x))``: ``features(x)`` -> ``(N, D)``, ``forward(x)`` -> logits,
     ``head`` / ``get_classifier()`` -> the final layer (an ``nn.Linear`` when found by tracing).
 
-    ``source`` says how the two were found (for error messages and reports).
+    ``source`` says how the two were found (for error messages and reports); ``traced``: found in the
+    traced graph, so ``model(x)`` itself calls ``head`` on the features (:mod:`ood.stages` hooks it).
     """
 
     def __init__(self, model: nn.Module, features: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor],
-                 source: str):
+                 source: str, traced: bool = False):
         super().__init__()
         self.model = model
         self._features = features
         self.head = head if isinstance(head, nn.Module) else _CallableHead(head)
         self.source = source
+        self.traced = bool(traced)
 
     def features(self, x: Tensor) -> Tensor:
         h = self._features(x)
@@ -132,7 +134,7 @@ def _traced(model: nn.Module) -> AdaptedClassifier:
         return out["features"]
 
     adapted = AdaptedClassifier(model, features, modules[linear_name],
-                                f"{type(model).__name__}: input of its final linear layer {linear_name!r}")
+                                f"{type(model).__name__}: input of its final linear layer {linear_name!r}", traced=True)
     adapted.add_module("_extractor", fx)
     return adapted
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,14 +12,16 @@ from torch import Tensor
 
 from lossbench.validation import check_positive
 
-from ..features import backbone_layout, backbone_of, penultimate_features, stage_info
+from ..adapter import AdaptedClassifier, as_adapted
+from ..features import penultimate_features
 from ..registry import register_score
+from ..stages import Stages, find_stages
 from .base import OODScore, batches, concat_scores, eval_mode, model_device
 from .feature_base import ScoreNotApplicable, _logits_fn
 from .labelled_passes import balanced_subset, loader_labels, ordered_batches
 
 #: The four NAC layers of a ResNet and where they are here: the pooled penultimate features and
-#: the outputs of the last-but-one, -two and -three timm stages (layer3, layer2, layer1).
+#: the outputs of the last-but-one, -two and -three stages (:func:`ood.stages.find_stages`; layer3, layer2, layer1).
 LAYERS: Dict[str, Any] = {"avgpool": "penultimate", "layer3": -2, "layer2": -3, "layer1": -4}
 #: The official ImageNet ResNet-50 settings (``configs/postprocessors/nac/resnet/nac_imagenet.yml``).
 NAC_IMAGENET_RESNET50 = {
@@ -82,7 +84,9 @@ class NAC(OODScore):
 
     Layers (``layers``): the official ResNet set ``avgpool`` (the pooled penultimate features),
     ``layer3``, ``layer2``, ``layer1``, here the penultimate features and the last-but-one, -two and
-    -three timm ``feature_info`` stages (:data:`LAYERS`). Training data: a class-balanced subset of
+    -three stages of :func:`ood.stages.find_stages` (:data:`LAYERS`): timm ``feature_info`` stages, or
+    the stage maps of a classifier adapted by :func:`ood.adapt_classifier` (torchvision's ResNet:
+    exactly ``layer3``, ``layer2``, ``layer1``). Training data: a class-balanced subset of
     the fit loader, ``min(int(valid_num / K), smallest class)`` per class (``valid_num = 1000``:
     100 per class on CIFAR-10; official ``TrainSubset``, seeded here by ``seed``), correct and
     wrong predictions alike. Per-layer defaults ``(O, M, sig_alpha)``: the official CIFAR-10 ResNet-18
@@ -93,8 +97,10 @@ class NAC(OODScore):
 
     States are computed in float64 (the official float32 sigmoid saturates to exactly 0 / 1 for
     large ``sig_alpha``). ``M`` must be even (the official edge construction). A model without the
-    requested stages or without a head function ``head.logits`` (for the gradient at the
-    penultimate features) raises :class:`~ood.scores.feature_base.ScoreNotApplicable`. One
+    requested stages, or without a function from the penultimate features to the logits (a
+    lossbench ``head.logits``, or an adapted classifier's final layer, whose input is then taken by a
+    hook during the model's own forward pass), raises
+    :class:`~ood.scores.feature_base.ScoreNotApplicable` naming what was found. One
     backward pass per batch; the fit reads the labels once, then forwards the subset.
     """
 
@@ -135,67 +141,97 @@ class NAC(OODScore):
         return getattr(self, f"{ln}_O"), getattr(self, f"{ln}_M"), getattr(self, f"{ln}_sig_alpha")
 
     # ------------------------------------------------------------------ states
-    def _resolve(self, model: nn.Module) -> Dict[str, Optional[str]]:
-        """Layer name -> timm stage module name (None for the penultimate features)."""
+    def _logits_fn(self, model: nn.Module) -> Optional[Callable[[Tensor], Tensor]]:
+        """Features -> logits: the lossbench ``head.logits``, else an adapted classifier's final layer
+        (:func:`ood.adapt_classifier`); None for neither (the avgpool layer then raises)."""
+        fn = _logits_fn(model)[0]
+        if fn is None:
+            try:
+                adapted = as_adapted(model)
+            except (TypeError, ValueError):
+                adapted = None
+            if isinstance(adapted, AdaptedClassifier):
+                fn = adapted.get_classifier()
+        if fn is None and "avgpool" in self.layers:
+            raise ScoreNotApplicable("nac: the avgpool layer needs the function from the penultimate features to "
+                                     "the logits (model.head.logits, or the final layer of a classifier "
+                                     f"ood.adapt_classifier adapts); {type(model).__name__} has neither")
+        return fn
+
+    def _resolve(self, model: nn.Module, x: Tensor) -> Tuple[Optional[Stages], Dict[str, Optional[str]]]:
+        """The stages (None when only the penultimate features are used) and layer name -> stage module
+        name (None for the penultimate features)."""
         out: Dict[str, Optional[str]] = {}
-        info = None
+        stages = None
         for ln in self.layers:
             ref = LAYERS[ln]
             if ref == "penultimate":
-                if _logits_fn(model)[0] is None:
-                    raise ScoreNotApplicable("nac: the avgpool layer needs model.head.logits (the gradient at the "
-                                             f"penultimate features); {type(model).__name__} has none")
                 out[ln] = None
                 continue
-            if info is None:
+            if stages is None:
                 try:
-                    info = stage_info(model)
-                except TypeError as err:
-                    raise ScoreNotApplicable(
-                        f"nac layer {ln} needs a timm backbone with feature_info stages; "
-                        f"{type(backbone_of(model)).__name__} has none (layers=('avgpool',) uses the penultimate "
-                        "features alone)") from err
-            if len(info) < -ref:
-                raise ScoreNotApplicable(f"nac layer {ln} is stage {ref} from the end; the backbone has {len(info)} stages")
-            out[ln] = info[ref]["module"]
-        return out
+                    stages = find_stages(model, x, f"nac layer {ln}")
+                except ScoreNotApplicable as err:
+                    raise ScoreNotApplicable(f"{err} (layers=('avgpool',) uses the penultimate features alone)") from err
+            if len(stages.names) < -ref:
+                raise ScoreNotApplicable(f"nac layer {ln} is stage {ref} from the end; found {len(stages.names)} "
+                                         f"stages {list(stages.names)} ({stages.source})")
+            out[ln] = stages.names[ref]
+        return stages, out
 
     def states(self, model: nn.Module, x: Tensor) -> Dict[str, Tensor]:
         """``{layer: o * g}`` ``(N, D_l)`` float64 of one batch (before the sigmoid)."""
-        modules = self._resolve(model)
-        fmt = backbone_layout(model)[0]
+        fn = self._logits_fn(model)
+        stages, modules = self._resolve(model, x)
         captured: Dict[str, Tensor] = {}
+        fired: Dict[str, int] = {}
+        fmts: Dict[str, str] = {}
         handles = []
-        backbone = backbone_of(model)
         for ln, name in modules.items():
             if name is None:
                 continue
+            fmts[ln] = stages.layouts[stages.names.index(name)]
 
             def hook(_m, _inp, out, ln=ln):
+                fired[ln] = fired.get(ln, 0) + 1
                 t = out[0] if isinstance(out, (tuple, list)) else out
                 captured[ln] = t
                 return t.clone() if not isinstance(out, (tuple, list)) else out  # later in-place ops hit the copy
 
-            handles.append(backbone.get_submodule(name).register_forward_hook(hook))
-        fn, _ = _logits_fn(model)
+            handles.append(stages.module(name).register_forward_hook(hook))
+        # an adapted classifier's traced forward inlines its containers: run the model itself and take
+        # the penultimate features as the input of its final layer
+        via_head = stages is not None and stages.head is not None
+        if via_head and "avgpool" in modules:
+            def pre(_m, inp):
+                fired["avgpool"] = fired.get("avgpool", 0) + 1
+                captured["avgpool"] = inp[0]
+
+            handles.append(stages.head.register_forward_pre_hook(pre))
         try:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(x.is_floating_point())  # a graph even with frozen parameters
-                h = penultimate_features(model, x)
-                if "avgpool" in modules:
-                    captured["avgpool"] = h
-                z = fn(h) if fn is not None else model(x)
+                if via_head:
+                    z = stages.forward(x)
+                else:
+                    h = penultimate_features(model, x)
+                    if "avgpool" in modules:
+                        captured["avgpool"] = h
+                    z = fn(h) if fn is not None else model(x)
                 missing = [ln for ln in modules if ln not in captured]
                 if missing:
                     raise ScoreNotApplicable(f"nac: layers {missing} did not run in the forward pass")
+                twice = {ln: k for ln, k in fired.items() if k != 1}
+                if twice:
+                    raise ScoreNotApplicable(f"nac: layers {twice} ran more than once in one forward pass; expected once")
                 loss = (-torch.log_softmax(z, dim=1)).mean(dim=1).sum()  # sum_batch sum_k -(1/K) log p_k
                 names = list(modules)
                 grads = torch.autograd.grad(loss, [captured[ln] for ln in names])
         finally:
             for hd in handles:
                 hd.remove()
-        return {ln: _sum_pool(captured[ln].detach().double(), fmt) * _sum_pool(g.detach().double(), fmt)
-                for ln, g in zip(names, grads)}
+        return {ln: _sum_pool(captured[ln].detach().double(), fmts.get(ln, "NCHW"))
+                * _sum_pool(g.detach().double(), fmts.get(ln, "NCHW")) for ln, g in zip(names, grads)}
 
     def _pass(self, model: nn.Module, loader: Iterable, subset: Optional[Tensor] = None,
               labels: Optional[List[Tensor]] = None) -> Dict[str, Tensor]:
@@ -223,7 +259,7 @@ class NAC(OODScore):
     # ------------------------------------------------------------------ fit / score
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "NAC":
         """Coverage of each layer's states on a class-balanced subset of ``loader`` (training data)."""
-        self._resolve(model)
+        self._logits_fn(model)
 
         def fit_pass() -> Tuple[Dict[str, Tensor], Tensor]:
             labels = loader_labels(loader, "nac fit")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,8 +10,8 @@ from torch import Tensor
 
 from lossbench.validation import check_positive
 
-from ..features import backbone_layout, backbone_of, stage_info
 from ..registry import register_score
+from ..stages import Stages, find_stages
 from .base import OODScore, batches, concat_scores, eval_mode, model_device
 from .feature_base import ScoreNotApplicable
 
@@ -38,10 +38,14 @@ class RankFeat(OODScore):
     network is run on from there (pooling, head); ``z_3``: the same removal on the
     **second-to-last** stage's output, then the last stage, pooling and head.
 
-    Implemented on any timm backbone with ``feature_info`` stages of 4-D (``NCHW`` or declared
-    ``NHWC``) outputs, by a forward hook that replaces the stage output during ``model(x)``; for a
-    ResNet that is exactly OpenOOD's ``layer4`` / ``avgpool`` / ``fc`` path. Others (no stages,
-    token outputs) raise :class:`~ood.scores.feature_base.ScoreNotApplicable` at fit. Exact SVD
+    Implemented by a forward hook that replaces the stage output during the forward pass, on the
+    stages :func:`ood.stages.find_stages` gives: a timm backbone's ``feature_info`` stages (4-D
+    ``NCHW`` or declared ``NHWC`` outputs), or the stage maps of a classifier adapted by
+    :func:`ood.adapt_classifier` (torchvision's ResNet: ``layer4`` and ``layer3``; MobileNet,
+    EfficientNet, ConvNeXt, DenseNet, VGG, Swin, ``nn.Sequential`` conv nets: their last two stage
+    maps). For a ResNet that is exactly OpenOOD's ``layer4`` / ``avgpool`` / ``fc`` path. Others (fewer
+    than two stage maps, token models such as ViT) raise
+    :class:`~ood.scores.feature_base.ScoreNotApplicable` at fit, saying what was found. Exact SVD
     (float64), as OpenOOD's default ``accelerate: False``; the official power-iteration variant
     (20 iterations, random start) is not implemented. Defaults: ``T = 1``
     (``--temperature_rankfeat 1``); OpenOOD: APS off, ``GRID = {}``. A stage map with one
@@ -56,29 +60,30 @@ class RankFeat(OODScore):
         check_positive(temperature, "temperature")
         self.temperature = float(temperature)
 
-    def _stages(self, model: nn.Module) -> List[str]:
-        try:
-            info = stage_info(model)
-        except TypeError as err:
-            raise ScoreNotApplicable(f"rankfeat needs a timm backbone with feature_info stages; "
-                                     f"{type(backbone_of(model)).__name__} has none") from err
-        if len(info) < 2:
-            raise ScoreNotApplicable(f"rankfeat needs at least two backbone stages, the backbone has {len(info)}")
-        return [info[-1]["module"], info[-2]["module"]]
+    def _stages(self, model: nn.Module, x: Tensor) -> Tuple[Stages, List[Tuple[str, str]]]:
+        """The stages (:func:`ood.stages.find_stages`) and ``[(last, layout), (second-to-last, layout)]``."""
+        stages = find_stages(model, x, "rankfeat")
+        if len(stages.names) < 2:
+            raise ScoreNotApplicable(f"rankfeat needs at least two stages with 4-D maps; found {list(stages.names)} "
+                                     f"({stages.source})")
+        return stages, [(stages.names[-1], stages.layouts[-1]), (stages.names[-2], stages.layouts[-2])]
 
     def fit(self, model: nn.Module, loader: Iterable, val_loader: Optional[Iterable] = None) -> "RankFeat":
         """No statistics: checks on the first batch of ``loader`` that the model has the stages RankFeat modifies."""
-        last, second = self._stages(model)
-        channels_last = backbone_layout(model)[0] == "NHWC"
         with eval_mode(model), torch.no_grad():
             for x, _ in batches(loader, model_device(model)):
-                for name in (last, second):
-                    self._logits_with_removal(model, x[:1], name, channels_last)
+                stages, taps = self._stages(model, x)
+                for name, fmt in taps:
+                    self._logits_with_removal(stages, x[:1], name, fmt == "NHWC")
                 break
         return self
 
-    def _logits_with_removal(self, model: nn.Module, x: Tensor, module_name: str, channels_last: bool) -> Tensor:
+    @staticmethod
+    def _logits_with_removal(stages: Stages, x: Tensor, module_name: str, channels_last: bool) -> Tensor:
+        calls = []
+
         def hook(_m, _inp, out):
+            calls.append(1)
             if not isinstance(out, Tensor) or out.dim() != 4:
                 raise ScoreNotApplicable(f"rankfeat: stage {module_name!r} gives {getattr(out, 'shape', type(out))}, "
                                          "not a 4-D feature map")
@@ -89,20 +94,23 @@ class RankFeat(OODScore):
                                          "would be constant): use larger inputs")
             return remove_rank_one(out, channels_last)
 
-        handle = backbone_of(model).get_submodule(module_name).register_forward_hook(hook)
+        handle = stages.module(module_name).register_forward_hook(hook)
         try:
-            return model(x).double()
+            z = stages.forward(x).double()
         finally:
             handle.remove()
+        if len(calls) != 1:  # the removal must happen exactly once, or the logits are not z_3 / z_4
+            raise ScoreNotApplicable(f"rankfeat: stage {module_name!r} ran {len(calls)} times in one forward pass "
+                                     f"({stages.source}); expected once")
+        return z
 
     def score(self, model: nn.Module, loader: Iterable) -> Tensor:
-        last, second = self._stages(model)
-        channels_last = backbone_layout(model)[0] == "NHWC"
         parts = []
         with eval_mode(model), torch.no_grad():
             for x, _ in batches(loader, model_device(model)):
-                z4 = self._logits_with_removal(model, x, last, channels_last)
-                z3 = self._logits_with_removal(model, x, second, channels_last)
+                stages, ((last, fmt4), (second, fmt3)) = self._stages(model, x)
+                z4 = self._logits_with_removal(stages, x, last, fmt4 == "NHWC")
+                z3 = self._logits_with_removal(stages, x, second, fmt3 == "NHWC")
                 t = self.temperature
                 parts.append(t * torch.logsumexp((z4 + z3) / 2.0 / t, dim=1))
         return concat_scores(parts, "rankfeat score")
