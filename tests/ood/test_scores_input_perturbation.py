@@ -376,6 +376,17 @@ def test_nac_avgpool_matches_the_closed_form_gradient():
     np.testing.assert_allclose(s.score(model, loader(x, batch_size=5)).numpy(), want, rtol=1e-12)
 
 
+def _nac_reference_states(h, maps, z):
+    """NAC's states transcribed: ``h * dL/dh`` for the pooled features, then ``(sum a)(sum dL/da)`` over
+    the positions of each map, ``L = sum -(1/K) log softmax(z)``."""
+    loss = -(torch.log_softmax(z, dim=1) / z.shape[1]).sum()
+    grads = torch.autograd.grad(loss, [h, *maps])
+    out = [(h * grads[0]).detach().numpy()]
+    for t, gt in zip(maps, grads[1:]):
+        out.append((t.sum(dim=(2, 3)) * gt.sum(dim=(2, 3))).detach().numpy())
+    return out
+
+
 def test_nac_four_layers_match_the_transcription(resnet_model):
     model = copy.deepcopy(resnet_model).double().eval()
     g = torch.Generator().manual_seed(15)
@@ -393,13 +404,7 @@ def test_nac_four_layers_match_the_transcription(resnet_model):
         a2 = bb.layer2(a1)
         a3 = bb.layer3(a2)
         h = bb.layer4(a3).mean(dim=(2, 3))
-        z = model.head.logits(h)
-        loss = -(torch.log_softmax(z, dim=1) / z.shape[1]).sum()
-        grads = torch.autograd.grad(loss, [h, a3, a2, a1])
-        out = [(h * grads[0]).detach().numpy()]
-        for t, gt in zip([a3, a2, a1], grads[1:]):
-            out.append((t.sum(dim=(2, 3)) * gt.sum(dim=(2, 3))).detach().numpy())
-        return out
+        return _nac_reference_states(h, [a3, a2, a1], model.head.logits(h))
 
     fit_states, test_states = states(x_tr[s.subset_]), states(x)
     want = np.mean([_nac_layer(f, t, kw[f"{ln}_O"], kw[f"{ln}_M"], kw[f"{ln}_sig_alpha"])

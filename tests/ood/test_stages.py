@@ -16,7 +16,7 @@ from ood import ScoreNotApplicable, adapt_classifier, create_score  # noqa: E402
 from ood.stages import find_stages  # noqa: E402
 
 from conftest import loader  # noqa: E402
-from test_scores_input_perturbation import _nac_layer, _rank1_removed  # noqa: E402
+from test_scores_input_perturbation import _nac_layer, _nac_reference_states, _rank1_removed  # noqa: E402
 
 
 def _resnet18(seed=0):
@@ -135,13 +135,7 @@ def test_nac_on_torchvision_resnet_matches_the_transcription():
         a2 = model.layer2(a1)
         a3 = model.layer3(a2)
         h = model.avgpool(model.layer4(a3)).flatten(1)
-        z = model.fc(h)
-        loss = -(torch.log_softmax(z, dim=1) / z.shape[1]).sum()
-        grads = torch.autograd.grad(loss, [h, a3, a2, a1])
-        out = [(h * grads[0]).detach().numpy()]
-        for t, gt in zip([a3, a2, a1], grads[1:]):
-            out.append((t.sum(dim=(2, 3)) * gt.sum(dim=(2, 3))).detach().numpy())
-        return out
+        return _nac_reference_states(h, [a3, a2, a1], model.fc(h))
 
     fit_states, test_states = states(x_tr[s.subset_]), states(x)
     want = np.mean([_nac_layer(f, t, kw[f"{ln}_O"], kw[f"{ln}_M"], kw[f"{ln}_sig_alpha"])
