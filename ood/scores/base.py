@@ -98,7 +98,7 @@ def public_override(cls: type, base: type, public: str, private: str) -> None:
     setattr(cls, public, getattr(base, public))
 
 
-def _identity(source: Any) -> Tuple[Any, ...]:
+def source_identity(source: Any) -> Tuple[Any, ...]:
     """What :meth:`OODScore.memoised` knows a source by: a tensor by its storage, view and version
     counter (so a detached view of the same data is the same source, and an in-place change is not),
     anything else by its ``id``."""
@@ -131,7 +131,7 @@ class OODScore(abc.ABC):
         ``key`` must name everything the result depends on besides the model and the source (the score
         family and its settings); the source object itself is kept, so that its id is not reused."""
         memo = self.pass_memo
-        ident = _identity(source)
+        ident = source_identity(source)
         hit = memo.get((key, ident)) if memo is not None else None
         if hit is not None:
             return hit[1]

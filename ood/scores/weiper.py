@@ -11,6 +11,7 @@ from torch import Tensor
 from lossbench.validation import check_number, check_positive
 
 from ..registry import register_score
+from .base import source_identity
 from .feature_base import Classifier, FeatureScore, ScoreNotApplicable
 
 #: The authors' OpenOOD sweep (``configs/postprocessors/weiper_kldiv.yml``, 3600 points), in its key order.
@@ -173,17 +174,15 @@ class WeiPer(FeatureScore):
 
         # The fit depends on delta, n_bins, R and the seed, not on lambda_1, lambda_2, s1, s2: a search's
         # 3,600 points fit 12 times (OODScore.memoised; the same tensors, so the same results).
-        vars(self).update(self.memoised(self._fit_key(), train_features, fit_state))
-        self.fit_source_ = id(train_features)  # the densities below are memoised for this fit only
+        key = ("weiper fit", self.delta, self.n_bins, self.repeats, self.seed, source_identity(clf.weight))
+        vars(self).update(self.memoised(key, train_features, fit_state))
+        self.fit_source_ = (key, source_identity(train_features))  # the densities below are memoised for this fit only
         self.fitted_ = True
         return self
 
-    def _fit_key(self) -> Tuple[Any, ...]:
-        return ("weiper fit", self.delta, self.n_bins, self.repeats, self.seed)
-
     def _score_features(self, features: Tensor, logits: Tensor) -> Tensor:
         self._check_width(features)
-        key = self._fit_key() + ("densities", getattr(self, "fit_source_", None))
+        key = ("weiper densities", getattr(self, "fit_source_", None))
         dh, dz, msp = self.memoised(key, features, lambda: self._densities(features))
         d_h = symmetric_kl(self.reference_h_, dh, self.s1, self.eps_h)
         d_z = symmetric_kl(self.reference_z_, dz, self.s2, self.eps_z)
