@@ -1,20 +1,28 @@
 """Cut cross-entropy: speed and memory of forward+backward against the alternatives.
 
-    python bench/cce.py --suite          # the tables of docs/cce.md: dense, peaked, bf16, LLM-shaped, filter bound
+    python bench/cce.py --suite          # the tables of docs/cce.md, targets met or missed under each
+    python bench/cce.py --suite --parts dense peaked --rounds 3   # some parts only
     python bench/cce.py --suite --smoke  # the same cases on tiny shapes: checks every path runs
     python bench/cce.py                  # dense, N=8192, D=512, V in {32768, 131072}, CPU
     python bench/cce.py --kind peaked --vocab 32768
     python bench/cce.py --dtype bfloat16 --cases "lossbench ext" --vocab 8192 32768
 
 Each case runs in a fresh subprocess: it creates E (N x D), C (V x D) and targets, runs one
-warm-up forward+backward, then ``--reps`` timed ones (median reported). Peak memory is the
+warm-up forward+backward, then ``--reps`` timed ones (median reported). ``--rounds`` repeats that
+in alternating rounds (the cases in order, then in reverse order, ...; 3 by default with
+``--suite``) and reports the median over the rounds beside every round's time, so that neither a
+drift of the machine nor the position in the table favours a case. Peak memory is the
 process's peak resident set (CPU; reset through /proc/self/clear_refs, else ru_maxrss) or
 ``torch.cuda.max_memory_allocated`` (CUDA), minus what it held after creating the inputs, so it
 includes the gradients ("beyond grads" subtracts their size, (N + V) D elements). The float32
 GEMM rate is measured in the same run; "of 3-GEMM bound" = (three GEMMs of 2 N V D FLOPs at that
 rate) / time; in brackets the same with the rate measured inside that case's own process between
-its timed runs (the CPU may be shared: the load average is printed per case). "vs best alt" =
-time / fastest alternative's time in the same table.
+its timed runs (the CPU may be shared: the largest load average over the rounds is printed per
+case). "vs best alt" = time / fastest alternative's time in the same table. A case that
+materialises the N x V logits is not run where about three N x V float32 tensors would not fit in
+the memory the kernel reports as available (V = 262,144 at N = 8,192 needs ~24 GiB); its row
+says so. Under each float32 table the suite prints the targets (dense: <= 0.95x the best
+alternative's time and the least extra memory; peaked: >= 1.5x faster) as met or missed.
 
 Inputs. ``dense``: E ~ N(0, 1), C ~ N(0, 1/D), uniform targets (softmax spread over all classes,
 nothing to filter). ``peaked`` (shaped like a trained large-vocabulary model): class j has
@@ -85,28 +93,119 @@ def available(cases: List[str], device: str = "cpu") -> List[str]:
     return [c for c in cases if c not in (APPLE, APPLE_TRITON) or apple_note() is None]
 
 
-def suite_tables(d: int = 512, smoke: bool = False) -> List[Dict[str, Any]]:
-    """The ``--suite`` tables: kind, dtype, N, D, V, cases and a per-case timeout (seconds).
+#: The parts of ``--suite`` (``--parts`` picks some): float32 dense and peaked tables, bf16
+#: inputs, the LLM-shaped case and the filter bound check.
+PARTS = ("dense", "peaked", "bf16", "llm", "bound")
+#: Targets the suite reports as met or missed (ours against the best alternative in the same table).
+DENSE_TARGET = 0.95  # time <= 0.95x the best alternative, and the least extra memory
+PEAKED_TARGET = 1.5  # >= 1.5x faster than the best alternative
+#: Cases that materialise the N x V logits (about three N x V float32 tensors at the peak).
+MATERIALISED = ("F.cross_entropy(E @ C.T)", "F.linear_cross_entropy default")
 
-    ``smoke`` shrinks every shape (N <= 256, D <= 64, V / 64) and keeps the cases, so that
-    every code path of the suite runs in a minute or two.
+
+def suite_tables(d: int = 512, smoke: bool = False,
+                 parts: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """The ``--suite`` tables: part, kind, dtype, N, D, V, cases and a per-case timeout (seconds).
+
+    ``parts`` keeps only those of :data:`PARTS` (default all). ``smoke`` shrinks every shape
+    (N <= 256, D <= 64, V / 64) and keeps the cases, so that every code path of the suite runs in
+    a minute or two.
     """
     tables: List[Dict[str, Any]] = []
     for kind, ours in (("dense", ["lossbench ext"]),
                        ("peaked", ["lossbench ext", "lossbench ext unsorted"])):
-        for v in (32768, 131072):
-            tables.append(dict(kind=kind, dtype="float32", n=8192, d=d, v=v,
-                               cases=ours + ALTERNATIVES, timeout=300))
+        for v in (32768, 131072, 262144):
+            tables.append(dict(part=kind, kind=kind, dtype="float32", n=8192, d=d, v=v,
+                               cases=ours + ALTERNATIVES, timeout=600))
     for v in (8192, 32768, 131072):
-        tables.append(dict(kind="dense", dtype="bfloat16", n=8192, d=d, v=v,
+        tables.append(dict(part="bf16", kind="dense", dtype="bfloat16", n=8192, d=d, v=v,
                            cases=["lossbench ext"], timeout=300))
-    tables.append(dict(kind="peaked", dtype="float32", **LLM_SHAPE, cases=OURS + ALTERNATIVES,
-                       timeout=1800, title="LLM-shaped (Gemma-2-like head)"))
+    tables.append(dict(part="llm", kind="peaked", dtype="float32", **LLM_SHAPE,
+                       cases=OURS + ALTERNATIVES, timeout=1800,
+                       title="LLM-shaped (Gemma-2-like head)"))
+    if parts is not None:
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"parts must be among {PARTS}, got {unknown}")
+        tables = [t for t in tables if t["part"] in parts]
     if smoke:
         for t in tables:
             t.update(n=min(t["n"], 256), d=min(t["d"], 64), v=max(256, t["v"] // 64),
                      timeout=min(t["timeout"], 600))
     return tables
+
+
+def mem_available() -> float:
+    """Bytes the kernel reports as available (``MemAvailable``), or ``inf`` where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def memory_need(case: str, n: int, d: int, v: int, dtype: str = "float32") -> float:
+    """Rough peak bytes of ``case``: the inputs and their gradients, plus three N x V float32
+    tensors (logits, log-softmax, their gradient) for the cases that materialise the logits."""
+    size = 2 if dtype in ("bfloat16", "float16") else 4
+    need = 2.0 * (n + v) * d * size
+    if case in MATERIALISED:
+        need += 3.0 * n * v * 4
+    return need
+
+
+def too_big(case: str, n: int, d: int, v: int, dtype: str, available: float) -> Optional[str]:
+    """Why ``case`` is not run at this shape (it would not fit in memory), or ``None``."""
+    need = memory_need(case, n, d, v, dtype)
+    if need > 0.9 * available:
+        return (f"not run: needs ~{need / 2 ** 30:.0f} GiB, {available / 2 ** 30:.0f} GiB "
+                f"available")
+    return None
+
+
+def round_orders(cases: List[str], rounds: int) -> List[List[str]]:
+    """Alternating rounds: the case order forwards, then backwards, and so on, so that a drift
+    of the machine's state (heat, other load) does not favour the cases that run first."""
+    return [list(cases) if r % 2 == 0 else list(reversed(cases)) for r in range(rounds)]
+
+
+def combine_rounds(case: str, results: List[dict]) -> dict:
+    """One row from a case's rounds: median time and extra memory over the rounds that ran,
+    every round's time, the largest load average seen; a skip when no round ran."""
+    ran = [r for r in results if "time" in r]
+    if not ran:
+        return results[0] if results else {"case": case, "skipped": "not run"}
+    row = dict(ran[0])
+    row.update(time=statistics.median(r["time"] for r in ran),
+               rounds=[r["time"] for r in ran],
+               extra_mib=statistics.median(r["extra_mib"] for r in ran),
+               gemm_rate=statistics.median(r["gemm_rate"] for r in ran),
+               load=max(r["load"] for r in ran))
+    return row
+
+
+def target_lines(kind: str, rows: List[dict]) -> List[str]:
+    """The issue's targets for this table, met or missed, from its rows."""
+    by = {r["case"]: r for r in rows if "time" in r}
+    alts = [r for c, r in by.items() if c in ALTERNATIVES]
+    ours = by.get("lossbench ext")
+    if ours is None or not alts:
+        return ["targets: not measured (lossbench ext or every alternative missing)"]
+    best = min(alts, key=lambda r: r["time"])
+    ratio = ours["time"] / best["time"]
+    if kind == "peaked":
+        speedup = 1.0 / ratio
+        return [f"target: >= {PEAKED_TARGET}x faster than the best alternative ({best['case']}): "
+                f"{'met' if speedup >= PEAKED_TARGET else 'missed'} ({speedup:.2f}x)"]
+    lean = min(alts, key=lambda r: r["extra_mib"])
+    return [f"target: time <= {DENSE_TARGET}x the best alternative ({best['case']}): "
+            f"{'met' if ratio <= DENSE_TARGET else 'missed'} ({ratio:.2f}x)",
+            f"target: least extra memory of all: "
+            f"{'met' if ours['extra_mib'] < lean['extra_mib'] else 'missed'} "
+            f"({ours['extra_mib']:.0f} MiB vs {lean['extra_mib']:.0f} for {lean['case']})"]
 
 
 def rss_mib(field: str) -> float:
@@ -286,31 +385,48 @@ def run_case(case: str, n: int, d: int, v: int, device: str, reps: int, timeout:
 
 
 def table(n: int, d: int, v: int, device: str, reps: int, timeout: float, kind: str,
-          dtype: str, cases: list, rate: float, title: str = "") -> None:
+          dtype: str, cases: list, rate: float, title: str = "", rounds: int = 1,
+          targets: bool = False) -> List[dict]:
+    """Run ``cases`` in ``rounds`` alternating rounds (each case in a fresh process per round)
+    and print one row per case: medians over the rounds, every round's time, the load."""
     bound = 3 * 2 * n * v * d / rate
     if title:
         print(title)
-    rows = [run_case(c, n, d, v, device, reps, timeout, kind, dtype) for c in cases]
+    avail = mem_available() if device == "cpu" else float("inf")
+    skip = {c: too_big(c, n, d, v, dtype, avail) for c in cases}
+    runnable = [c for c in cases if skip[c] is None]
+    results: Dict[str, List[dict]] = {c: [] for c in cases}
+    for order in round_orders(runnable, rounds):
+        for c in order:
+            results[c].append(run_case(c, n, d, v, device, reps, timeout, kind, dtype))
+    rows = [combine_rounds(c, results[c]) if skip[c] is None else {"case": c, "skipped": skip[c]}
+            for c in cases]
     alt = [r["time"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
     alt_mem = [r["extra_mib"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
     best = min(alt) if alt else float("nan")
     print(f"{kind}, {dtype}, N={n}, D={d}, V={v}: 3-GEMM bound {bound:.2f} s; best alternative "
           f"{best:.2f} s, least alternative extra memory "
-          f"{min(alt_mem) if alt_mem else float('nan'):.0f} MiB")
-    print("| impl | time (s) | extra peak MiB | beyond grads MiB | vs best alt "
-          "| of 3-GEMM bound (run's own rate) | tiles skipped | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{min(alt_mem) if alt_mem else float('nan'):.0f} MiB; median of {rounds} alternating "
+          f"round(s)")
+    print("| impl | time (s) | rounds (s) | extra peak MiB | beyond grads MiB | vs best alt "
+          "| of 3-GEMM bound (run's own rate) | tiles skipped | load avg (max) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "time" not in r:
-            print(f"| {r['case']} | {r['skipped']} | | | | | | |")
+            print(f"| {r['case']} | {r['skipped']} | | | | | | | |")
             continue
         own = 3 * 2 * n * v * d / r["gemm_rate"]
         sk = r.get("skipped", float("nan"))
-        print(f"| {r['case']} | {r['time']:.3g} | {r['extra_mib']:.0f} | "
+        each = ", ".join(f"{t:.3g}" for t in r.get("rounds", [r["time"]]))
+        print(f"| {r['case']} | {r['time']:.3g} | {each} | {r['extra_mib']:.0f} | "
               f"{r['extra_mib'] - r['grads_mib']:.0f} | {r['time'] / best:.2f}x | "
               f"{100 * bound / r['time']:.0f}% ({100 * own / r['time']:.0f}%) | "
               f"{'' if sk != sk else f'{100 * sk:.0f}%'} | {r['load']:.1f} |")
+    if targets and dtype == "float32":
+        for line in target_lines(kind, rows):
+            print(line)
     print(flush=True)
+    return rows
 
 
 def bound_check(n: int, d: int, v: int, rows: Optional[int] = None) -> None:
@@ -366,6 +482,11 @@ def main() -> None:
     parser.add_argument("--suite", action="store_true",
                         help="the tables of docs/cce.md (about 15 min on a quiet 2-core CPU, plus "
                              "30-45 min for the LLM-shaped case)")
+    parser.add_argument("--parts", nargs="*", default=None, choices=PARTS,
+                        help="with --suite: only these parts (default all)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating rounds per case, median reported (default: 3 with "
+                             "--suite, else 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="with --suite: the same cases on tiny shapes (checks that they run)")
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names")
@@ -384,27 +505,36 @@ def main() -> None:
     rate = gemm_rate(gemm_buffers(args.device, n, args.d))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     reps = args.reps or 1
-    print(f"device {args.device}, D={args.d}, fwd+bwd, median of {reps} after a warm-up; "
-          f"float32 GEMM rate {rate / 1e9:.0f} GFLOP/s; load average {load:.1f}; "
-          f"{os.cpu_count()} CPUs\n", flush=True)
+    rounds = args.rounds or (3 if args.suite and not args.smoke else 1)
+    if rounds < 1 or reps < 1:
+        parser.error("--rounds and --reps must be >= 1")
+    print(f"device {args.device}, D={args.d}, fwd+bwd, each case in a fresh process per round: "
+          f"a warm-up, then the median of {reps} timed step(s); median over {rounds} alternating "
+          f"round(s); float32 GEMM rate {rate / 1e9:.0f} GFLOP/s; load average {load:.1f}; "
+          f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}\n", flush=True)
     note = apple_note()
     if note:
         print(f"note: {note}\n", flush=True)
     if args.suite:
-        # The issue's shapes (N = 8192, D = 512, V in {32768, 131072}) and the LLM-shaped case.
-        for t in suite_tables(args.d, smoke=args.smoke):
+        # The issue's shapes (N = 8192, D = 512, V in {32768, 131072, 262144}), bf16 and the
+        # LLM-shaped case; the targets are printed under each float32 table.
+        for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts):
             table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
-                  t["kind"], t["dtype"], available(t["cases"], args.device), rate, t.get("title", ""))
-        if args.smoke:
-            bound_check(256, 32, 2048, rows=64)
-        else:
-            bound_check(1024, args.d, 32768)
-            bound_check(1024, args.d, 32768, rows=64)
+                  t["kind"], t["dtype"], available(t["cases"], args.device), rate,
+                  t.get("title", ""), rounds=rounds, targets=t["part"] in ("dense", "peaked"))
+        if args.parts is None or "bound" in args.parts:
+            if args.smoke:
+                bound_check(256, 32, 2048, rows=64)
+            else:
+                bound_check(1024, args.d, 32768)
+                bound_check(1024, args.d, 32768, rows=64)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}", flush=True)
         return
     vocab = args.vocab or ([32768] if args.quick else [32768, 131072])
     cases = args.cases or available(OURS + ALTERNATIVES, args.device)
     for v in vocab:
-        table(n, args.d, v, args.device, reps, args.timeout, args.kind, args.dtype, cases, rate)
+        table(n, args.d, v, args.device, reps, args.timeout, args.kind, args.dtype, cases, rate,
+              rounds=rounds)
 
 
 if __name__ == "__main__":

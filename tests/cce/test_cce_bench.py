@@ -61,3 +61,65 @@ def test_smoke_suite_keeps_the_cases_on_tiny_shapes(bench):
     full, smoke = bench.suite_tables(), bench.suite_tables(smoke=True)
     assert [t["cases"] for t in smoke] == [t["cases"] for t in full]
     assert all(t["n"] <= 256 and t["d"] <= 64 and t["v"] <= 4096 for t in smoke)
+
+
+def test_suite_covers_the_three_vocabulary_sizes_and_parts(bench):
+    for kind in ("dense", "peaked"):
+        vs = [t["v"] for t in bench.suite_tables(parts=[kind])]
+        assert vs == [32768, 131072, 262144]
+    assert {t["part"] for t in bench.suite_tables()} == set(bench.PARTS) - {"bound"}
+    assert [t["part"] for t in bench.suite_tables(parts=["bf16"])] == ["bf16"] * 3
+    with pytest.raises(ValueError, match="parts must be among"):
+        bench.suite_tables(parts=["sparse"])
+
+
+def test_rounds_alternate_the_case_order(bench):
+    orders = bench.round_orders(["a", "b", "c"], 3)
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert bench.round_orders(["a"], 1) == [["a"]]
+
+
+def test_rounds_combine_into_medians_and_the_largest_load(bench):
+    runs = [{"case": "x", "time": t, "extra_mib": m, "gemm_rate": 1e11, "grads_mib": 1.0,
+             "load": ld, "skipped": float("nan")}
+            for t, m, ld in ((3.0, 10.0, 0.5), (1.0, 30.0, 2.0), (2.0, 20.0, 1.0))]
+    row = bench.combine_rounds("x", runs)
+    assert row["time"] == 2.0 and row["extra_mib"] == 20.0 and row["load"] == 2.0
+    assert row["rounds"] == [3.0, 1.0, 2.0]
+    # a round that failed is left out of the medians; no round ran: its skip reason
+    failed = {"case": "x", "skipped": "failed: boom"}
+    assert bench.combine_rounds("x", [failed, runs[0], runs[1]])["time"] == 2.0
+    assert bench.combine_rounds("x", [failed])["skipped"] == "failed: boom"
+
+
+def test_materialised_cases_are_not_run_where_the_logits_would_not_fit(bench):
+    gib = 2.0 ** 30
+    # V = 262,144 at N = 8,192: three float32 N x V tensors are 24 GiB
+    why = bench.too_big("F.cross_entropy(E @ C.T)", 8192, 512, 262144, "float32", 20 * gib)
+    assert why is not None and "needs ~" in why
+    assert bench.too_big("F.linear_cross_entropy default", 8192, 512, 262144, "float32",
+                         20 * gib) is not None
+    # the chunked and cut implementations hold no N x V tensor
+    assert bench.too_big("lossbench ext", 8192, 512, 262144, "float32", 20 * gib) is None
+    assert bench.too_big("F.linear_cross_entropy 512-row chunks", 8192, 512, 262144,
+                         "float32", 20 * gib) is None
+    assert bench.too_big("F.cross_entropy(E @ C.T)", 8192, 512, 32768, "float32", 20 * gib) is None
+
+
+def _row(case, time, mib):
+    return {"case": case, "time": time, "extra_mib": mib}
+
+
+def test_targets_are_reported_met_or_missed(bench):
+    alt = bench.ALTERNATIVES
+    dense = [_row("lossbench ext", 9.0, 100.0), _row(alt[3], 10.0, 300.0), _row(alt[2], 20.0, 150.0)]
+    lines = bench.target_lines("dense", dense)
+    assert "met (0.90x)" in lines[0] and lines[1].startswith("target: least extra memory of all: met")
+    slow = [_row("lossbench ext", 9.6, 200.0)] + dense[1:]
+    lines = bench.target_lines("dense", slow)
+    assert "missed (0.96x)" in lines[0] and "missed (200 MiB vs 150" in lines[1]
+    peaked = [_row("lossbench ext", 6.0, 1.0), _row(alt[3], 9.0, 1.0)]
+    assert "met (1.50x)" in bench.target_lines("peaked", peaked)[0]
+    peaked[0]["time"] = 7.0
+    assert "missed (1.29x)" in bench.target_lines("peaked", peaked)[0]
+    assert "not measured" in bench.target_lines("dense", [_row(alt[3], 1.0, 1.0)])[0]

@@ -272,3 +272,30 @@ def test_auto_on_cuda_reaches_the_torch_pass(monkeypatch):
     loss.backward()
     ref = torch.nn.functional.cross_entropy(E.detach() @ C.detach().t(), t)
     assert ran == ["torch"] and torch.allclose(loss.detach(), ref)
+
+
+def test_sort_vocab_default_is_on_for_the_cpu_and_off_on_cuda(monkeypatch):
+    """Sorting the vocabulary was measured slower on an H200 (docs/cce.md); the CPU keeps it."""
+    from lossbench.cce import autograd as cce_autograd
+    from lossbench.cce import linear_cross_entropy
+
+    assert dispatch.sort_vocab_default(torch.device("cpu"))
+    assert not dispatch.sort_vocab_default(torch.device("cuda"))
+    calls = []
+    real = cce_autograd._mean_logit_order
+    monkeypatch.setattr(cce_autograd, "_mean_logit_order",
+                        lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(8, 4, generator=gen, requires_grad=True)
+    C = torch.randn(600, 4, generator=gen, requires_grad=True)
+    t = torch.randint(0, 600, (8,), generator=gen)
+
+    def run(**kw):
+        calls.clear()
+        linear_cross_entropy(E, C, t, impl="torch", chunk_size=256, **kw).backward()
+        return len(calls)
+
+    assert run() == 1 and run(sort_vocab=False) == 0 and run(filter_eps=None) == 0
+    # a device type outside SORT_VOCAB_BY_DEFAULT (as CUDA is) does not sort unless asked to
+    monkeypatch.setattr(dispatch, "SORT_VOCAB_BY_DEFAULT", ())
+    assert run() == 0 and run(sort_vocab=True) == 1
