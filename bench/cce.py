@@ -21,7 +21,8 @@ its timed runs (the CPU may be shared: the largest load average over the rounds 
 case). "vs best alt" = time / fastest alternative's time in the same table. A case that
 materialises the N x V logits is not run where about three N x V float32 tensors would not fit in
 the memory the kernel reports as available (V = 262,144 at N = 8,192 needs ~24 GiB); its row
-says so. Under each float32 table the suite prints the targets (dense: <= 0.95x the best
+says so. The float32 tables end with a floor that is not an implementation: the three GEMMs
+alone over 512-row blocks, no softmax (the time any three-GEMM implementation needs at least). Under each float32 table the suite prints the targets (dense: <= 0.95x the best
 alternative's time and the least extra memory; peaked: >= 1.5x faster) as met or missed.
 
 Inputs. ``dense``: E ~ N(0, 1), C ~ N(0, 1/D), uniform targets (softmax spread over all classes,
@@ -71,6 +72,9 @@ ALTERNATIVES = ["F.cross_entropy(E @ C.T)", "F.linear_cross_entropy default",
 # LLM-shaped case (Gemma 2 2B's head, as in the paper's Table 1): D, V, and the N that lets the
 # materialised-logits baselines fit beside the classifier on a 24 GiB machine (module docstring).
 LLM_SHAPE = {"n": 2048, "d": 2304, "v": 256000}
+#: Not an implementation: the three GEMMs alone (logits, dE, dC) over 512-row blocks with no softmax
+#: pass -- a floor that no three-GEMM implementation (ours or torch's chunks) can go below.
+FLOOR = "floor: 3 bare GEMMs, 512-row blocks"
 
 
 def apple_note() -> Optional[str]:
@@ -103,11 +107,12 @@ PEAKED_TARGET = 1.5  # >= 1.5x faster than the best alternative
 MATERIALISED = ("F.cross_entropy(E @ C.T)", "F.linear_cross_entropy default")
 
 
-def suite_tables(d: int = 512, smoke: bool = False,
-                 parts: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+def suite_tables(d: int = 512, smoke: bool = False, parts: Optional[List[str]] = None,
+                 vocab: Optional[List[int]] = None) -> List[Dict[str, Any]]:
     """The ``--suite`` tables: part, kind, dtype, N, D, V, cases and a per-case timeout (seconds).
 
-    ``parts`` keeps only those of :data:`PARTS` (default all). ``smoke`` shrinks every shape
+    ``parts`` keeps only those of :data:`PARTS` (default all), ``vocab`` only the dense / peaked
+    tables of those V (the other parts are kept). ``smoke`` shrinks every shape
     (N <= 256, D <= 64, V / 64) and keeps the cases, so that every code path of the suite runs in
     a minute or two.
     """
@@ -116,18 +121,20 @@ def suite_tables(d: int = 512, smoke: bool = False,
                        ("peaked", ["lossbench ext", "lossbench ext unsorted"])):
         for v in (32768, 131072, 262144):
             tables.append(dict(part=kind, kind=kind, dtype="float32", n=8192, d=d, v=v,
-                               cases=ours + ALTERNATIVES, timeout=600))
+                               cases=ours + ALTERNATIVES + [FLOOR], timeout=600))
     for v in (8192, 32768, 131072):
         tables.append(dict(part="bf16", kind="dense", dtype="bfloat16", n=8192, d=d, v=v,
                            cases=["lossbench ext"], timeout=300))
     tables.append(dict(part="llm", kind="peaked", dtype="float32", **LLM_SHAPE,
-                       cases=OURS + ALTERNATIVES, timeout=1800,
+                       cases=OURS + ALTERNATIVES + [FLOOR], timeout=1800,
                        title="LLM-shaped (Gemma-2-like head)"))
     if parts is not None:
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ValueError(f"parts must be among {PARTS}, got {unknown}")
         tables = [t for t in tables if t["part"] in parts]
+    if vocab:
+        tables = [t for t in tables if t["part"] not in ("dense", "peaked") or t["v"] in vocab]
     if smoke:
         for t in tables:
             t.update(n=min(t["n"], 256), d=min(t["d"], 64), v=max(256, t["v"] // 64),
@@ -245,6 +252,8 @@ def make_case(name: str):
 
         impl = name.split()[-1]
         return lambda E, C, t: apple(E, C, t, impl=impl)
+    if name == FLOOR:
+        return bare_gemms
     if name.startswith("lossbench"):
         from lossbench.cce import linear_cross_entropy
 
@@ -253,6 +262,40 @@ def make_case(name: str):
         return lambda E, C, t, stats=None: linear_cross_entropy(E, C, t, impl=impl,
                                                                 sort_vocab=sort, stats=stats)
     raise ValueError(f"unknown case {name!r}")
+
+
+class _BareGemms:
+    """Autograd stand-in for :data:`FLOOR`: forward returns a scalar, backward runs the three
+    GEMMs per 512-row block (L = E C^T, dE = L C, dC += L^T E) with nothing in between."""
+
+    @staticmethod
+    def apply(E, C):
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, E, C):
+                ctx.save_for_backward(E, C)
+                return E.new_zeros(())
+
+            @staticmethod
+            def backward(ctx, g):
+                E, C = ctx.saved_tensors
+                dE, dC = torch.empty_like(E), torch.zeros_like(C)
+                L = E.new_empty(min(512, E.shape[0]), C.shape[0])
+                for r0 in range(0, E.shape[0], 512):
+                    Eb = E[r0:r0 + 512]
+                    Lb = L[:Eb.shape[0]]
+                    torch.mm(Eb, C.t(), out=Lb)
+                    torch.mm(Lb, C, out=dE[r0:r0 + 512])
+                    dC.addmm_(Lb.t(), Eb)
+                return dE, dC
+
+        return Fn.apply(E, C)
+
+
+def bare_gemms(E, C, t):
+    return _BareGemms.apply(E, C)
 
 
 def make_inputs(kind: str, n: int, d: int, v: int, seed: int = 0):
@@ -473,7 +516,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="rows N (default 8192; quick 2048)")
     parser.add_argument("--d", type=int, default=512, help="feature width D")
     parser.add_argument("--vocab", type=int, nargs="*", default=None,
-                        help="class counts V (default 32768 131072; quick 32768)")
+                        help="class counts V (default 32768 131072; quick 32768); with --suite: "
+                             "only the dense / peaked tables of these V")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--kind", default="dense", choices=["dense", "peaked"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -518,7 +562,7 @@ def main() -> None:
     if args.suite:
         # The issue's shapes (N = 8192, D = 512, V in {32768, 131072, 262144}), bf16 and the
         # LLM-shaped case; the targets are printed under each float32 table.
-        for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts):
+        for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts, vocab=args.vocab):
             table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
                   t["kind"], t["dtype"], available(t["cases"], args.device), rate,
                   t.get("title", ""), rounds=rounds, targets=t["part"] in ("dense", "peaked"))
@@ -531,7 +575,7 @@ def main() -> None:
         print(f"load average at the end {os.getloadavg()[0]:.1f}", flush=True)
         return
     vocab = args.vocab or ([32768] if args.quick else [32768, 131072])
-    cases = args.cases or available(OURS + ALTERNATIVES, args.device)
+    cases = args.cases or available(OURS + ALTERNATIVES + [FLOOR], args.device)
     for v in vocab:
         table(n, args.d, v, args.device, reps, args.timeout, args.kind, args.dtype, cases, rate,
               rounds=rounds)

@@ -50,7 +50,7 @@ def test_suite_has_an_llm_shaped_case_with_every_implementation(bench):
     llm = [t for t in bench.suite_tables() if (t["d"], t["v"]) == (2304, 256000)]
     assert len(llm) == 1
     case = llm[0]
-    assert set(case["cases"]) == set(bench.OURS + bench.ALTERNATIVES)
+    assert set(case["cases"]) == set(bench.OURS + bench.ALTERNATIVES + [bench.FLOOR])
     # the materialised baseline (logits ~3 times over, float32) beside C and its gradient fits
     # in 24 GiB with room for the process and the inputs
     need = 3 * case["n"] * case["v"] * 4 + 2 * case["v"] * case["d"] * 4
@@ -123,3 +123,22 @@ def test_targets_are_reported_met_or_missed(bench):
     peaked[0]["time"] = 7.0
     assert "missed (1.29x)" in bench.target_lines("peaked", peaked)[0]
     assert "not measured" in bench.target_lines("dense", [_row(alt[3], 1.0, 1.0)])[0]
+
+
+def test_the_floor_runs_the_three_gemms_and_is_no_alternative(bench):
+    import torch
+
+    assert bench.FLOOR not in bench.ALTERNATIVES  # never the "best alternative"
+    assert all(bench.FLOOR in t["cases"] for t in bench.suite_tables(parts=["dense", "peaked"]))
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(700, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    C = torch.randn(30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    bench.make_case(bench.FLOOR)(E, C, None).backward()
+    L = E.detach() @ C.detach().t()
+    assert torch.allclose(E.grad, L @ C.detach()) and torch.allclose(C.grad, L.t() @ E.detach())
+
+
+def test_suite_vocab_keeps_the_other_parts(bench):
+    tabs = bench.suite_tables(vocab=[32768])
+    assert {t["v"] for t in tabs if t["part"] in ("dense", "peaked")} == {32768}
+    assert any(t["part"] == "bf16" for t in tabs) and any(t["part"] == "llm" for t in tabs)
