@@ -54,6 +54,29 @@ def bin_index(states: Tensor, edges: Tensor) -> Tensor:
     return torch.where((idx >= 0) & (idx < n), idx, torch.full_like(idx, n))
 
 
+def _timm_classifier(model: nn.Module) -> Optional[nn.Module]:
+    """A timm classifier's final layer, ``get_classifier()``, whose input is ``forward_head(...,
+    pre_logits=True)`` (the penultimate features); ``None`` for other models or without one."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return None
+    get = getattr(model, "get_classifier", None)
+    clf = get() if callable(get) else None
+    if isinstance(clf, nn.Module) and not isinstance(clf, nn.Identity):
+        return clf
+    return None
+
+
+def _check_timm_logits(model: nn.Module, x: Tensor, z: Tensor) -> None:
+    """Refuse a timm model whose ``get_classifier()`` of the penultimate features is not its output
+    (a head that does more than its final layer, e.g. a distilled or pooled-twice head)."""
+    with torch.no_grad():
+        out = model(x)
+    if out.shape != z.shape or not torch.allclose(out.float(), z.detach().float(), rtol=1e-3, atol=1e-3):
+        raise ScoreNotApplicable(f"nac: {type(model).__name__}.get_classifier() of the penultimate features does not "
+                                 "give the model's logits; pass a model with head.logits or adapt it "
+                                 "(ood.adapt_classifier)")
+
+
 def _sum_pool(t: Tensor, fmt: str) -> Tensor:
     """Sum over the spatial positions (NAC pools by a sum, not a mean) or over the tokens of a 3-D output."""
     if t.dim() == 2:
@@ -146,6 +169,8 @@ class NAC(OODScore):
         (:func:`ood.adapt_classifier`); None for neither (the avgpool layer then raises)."""
         fn = _logits_fn(model)[0]
         if fn is None:
+            fn = _timm_classifier(model)
+        if fn is None:
             try:
                 adapted = as_adapted(model)
             except (TypeError, ValueError):
@@ -154,8 +179,9 @@ class NAC(OODScore):
                 fn = adapted.get_classifier()
         if fn is None and "avgpool" in self.layers:
             raise ScoreNotApplicable("nac: the avgpool layer needs the function from the penultimate features to "
-                                     "the logits (model.head.logits, or the final layer of a classifier "
-                                     f"ood.adapt_classifier adapts); {type(model).__name__} has neither")
+                                     "the logits (model.head.logits, a timm classifier's get_classifier(), or the "
+                                     f"final layer of a classifier ood.adapt_classifier adapts); "
+                                     f"{type(model).__name__} has none")
         return fn
 
     def _resolve(self, model: nn.Module, x: Tensor) -> Tuple[Optional[Stages], Dict[str, Optional[str]]]:
@@ -179,8 +205,10 @@ class NAC(OODScore):
             out[ln] = stages.names[ref]
         return stages, out
 
-    def states(self, model: nn.Module, x: Tensor) -> Dict[str, Tensor]:
-        """``{layer: o * g}`` ``(N, D_l)`` float64 of one batch (before the sigmoid)."""
+    def states(self, model: nn.Module, x: Tensor, check: bool = True) -> Dict[str, Tensor]:
+        """``{layer: o * g}`` ``(N, D_l)`` float64 of one batch (before the sigmoid). ``check``: on a timm
+        classifier, compare ``get_classifier()`` of the penultimate features with the model's output
+        (one more forward; :meth:`_pass` does it on its first batch only)."""
         fn = self._logits_fn(model)
         stages, modules = self._resolve(model, x)
         captured: Dict[str, Tensor] = {}
@@ -218,6 +246,8 @@ class NAC(OODScore):
                     if "avgpool" in modules:
                         captured["avgpool"] = h
                     z = fn(h) if fn is not None else model(x)
+                    if check and fn is not None and fn is _timm_classifier(model):
+                        _check_timm_logits(model, x, z)
                 missing = [ln for ln in modules if ln not in captured]
                 if missing:
                     raise ScoreNotApplicable(f"nac: layers {missing} did not run in the forward pass")
@@ -243,14 +273,14 @@ class NAC(OODScore):
         with eval_mode(model):
             if subset is None:
                 for x, _ in batches(loader, model_device(model)):
-                    for ln, st in self.states(model, x).items():
+                    for ln, st in self.states(model, x, check=not parts).items():
                         parts.setdefault(ln, []).append(st)
             else:
                 offsets = np.cumsum([0] + [t.numel() for t in labels])
                 for i, x, _ in ordered_batches(loader, labels, model_device(model), "nac fit"):
                     sel = subset[offsets[i]:offsets[i + 1]]
                     if sel.any():
-                        for ln, st in self.states(model, x[sel.to(x.device)]).items():
+                        for ln, st in self.states(model, x[sel.to(x.device)], check=not parts).items():
                             parts.setdefault(ln, []).append(st)
         if not parts:
             raise ValueError("nac: the loader yielded no samples; expected a non-empty data set")

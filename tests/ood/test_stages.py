@@ -169,3 +169,36 @@ def test_a_stage_hidden_at_small_inputs_is_an_error_not_a_shift():
     assert find_stages(model, torch.randn(1, 3, 32, 32)).names == ("relu", "layer1", "layer2", "layer3", "layer4")
     with pytest.raises(ScoreNotApplicable, match=r"layer4.*larger input size"):
         find_stages(model, torch.randn(1, 3, 16, 16))
+
+
+def test_nac_avgpool_on_a_plain_timm_classifier_uses_its_final_layer():
+    """Before, NAC's avgpool layer refused a timm classifier without a lossbench head (no head.logits)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4).double().eval()
+    y = torch.arange(32) % 4
+    x_tr, x = _x(32, 32, 6) + 0.5 * y[:, None, None, None], _x(6, 32, 7)
+    kw = dict(avgpool_O=2, avgpool_M=50, avgpool_sig_alpha=100)
+    s = create_score("nac", layers=("avgpool",), valid_num=16, **kw).fit(model, loader(x_tr, y, batch_size=16))
+
+    def states(xx):
+        h = model.forward_head(model.forward_features(xx), pre_logits=True)
+        return _nac_reference_states(h, [], model.get_classifier()(h))
+
+    want = _nac_layer(states(x_tr[s.subset_])[0], states(x)[0], 2, 50, 100)
+    got = s.score(model, loader(x, batch_size=4)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_nac_refuses_a_timm_model_whose_final_layer_is_not_its_head():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4).eval()
+    real = model.forward_head
+    model.forward_head = lambda t, pre_logits=False: real(t, pre_logits) if pre_logits else 2 * real(t)
+    with pytest.raises(ScoreNotApplicable, match="get_classifier.*does not give the model's logits"):
+        create_score("nac", layers=("avgpool",), valid_num=8).fit(model, loader(torch.randn(16, 3, 32, 32),
+                                                                               torch.arange(16) % 4))
+    headless = timm.create_model("resnet10t", num_classes=0).eval()
+    with pytest.raises(ScoreNotApplicable, match="avgpool layer needs"):
+        create_score("nac", layers=("avgpool",)).fit(headless, loader(torch.randn(8, 3, 32, 32)))
