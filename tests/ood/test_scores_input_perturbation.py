@@ -440,7 +440,7 @@ def test_nac_search_runs_the_model_once_per_loader(resnet_model, monkeypatch):
     fixed["valid_num"] = 40
     calls = []
     real_states = NAC.states
-    monkeypatch.setattr(NAC, "states", lambda self, m, x: calls.append(len(x)) or real_states(self, m, x))
+    monkeypatch.setattr(NAC, "states", lambda self, m, x, **kw: calls.append(len(x)) or real_states(self, m, x, **kw))
 
     def run():
         calls.clear()
