@@ -6,6 +6,7 @@
     python bench/cce.py                  # dense, N=8192, D=512, V in {32768, 131072}, CPU
     python bench/cce.py --kind peaked --vocab 32768
     python bench/cce.py --dtype bfloat16 --cases "lossbench ext" --vocab 8192 32768
+    python bench/cce.py --cases "lossbench ext" "lossbench ext rows=512" --rounds 3   # a row block
 
 Each case runs in a fresh subprocess: it creates E (N x D), C (V x D) and targets, runs one
 warm-up forward+backward, then ``--reps`` timed ones (median reported). ``--rounds`` repeats that
@@ -259,8 +260,10 @@ def make_case(name: str):
 
         impl = name.split()[1]
         sort = None if "unsorted" not in name else False
-        return lambda E, C, t, stats=None: linear_cross_entropy(E, C, t, impl=impl,
-                                                                sort_vocab=sort, stats=stats)
+        # "lossbench ext rows=512": a fixed row block instead of the default (design experiments)
+        rows = next((int(w[5:]) for w in name.split() if w.startswith("rows=")), None)
+        return lambda E, C, t, stats=None: linear_cross_entropy(E, C, t, impl=impl, sort_vocab=sort,
+                                                                stats=stats, rows_per_block=rows)
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -333,7 +336,7 @@ def worker(args) -> None:
     if fn is None:
         print(json.dumps({"case": args.case, "skipped": "not available"}))
         return
-    if args.case == "lossbench ext":
+    if args.case.startswith("lossbench ext"):
         from lossbench.cce import api
 
         if api.resolve_impl("ext", device) != "ext":

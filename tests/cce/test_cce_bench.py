@@ -142,3 +142,14 @@ def test_suite_vocab_keeps_the_other_parts(bench):
     tabs = bench.suite_tables(vocab=[32768])
     assert {t["v"] for t in tabs if t["part"] in ("dense", "peaked")} == {32768}
     assert any(t["part"] == "bf16" for t in tabs) and any(t["part"] == "llm" for t in tabs)
+
+
+def test_a_fixed_row_block_case_passes_rows_per_block(bench, monkeypatch):
+    from lossbench import cce
+
+    seen = {}
+    monkeypatch.setattr(cce, "linear_cross_entropy", lambda *a, **kw: seen.update(kw))
+    bench.make_case("lossbench torch rows=512")(None, None, None)
+    assert seen["rows_per_block"] == 512 and seen["impl"] == "torch"
+    bench.make_case("lossbench ext unsorted")(None, None, None)
+    assert seen["rows_per_block"] is None and seen["sort_vocab"] is False
