@@ -464,8 +464,9 @@ def table(n: int, d: int, v: int, device: str, reps: int, timeout: float, kind: 
         own = 3 * 2 * n * v * d / r["gemm_rate"]
         sk = r.get("skipped", float("nan"))
         each = ", ".join(f"{t:.3g}" for t in r.get("rounds", [r["time"]]))
+        vs = f"{r['time'] / best:.2f}x" if best == best else "-"  # no alternative in the table
         print(f"| {r['case']} | {r['time']:.3g} | {each} | {r['extra_mib']:.0f} | "
-              f"{r['extra_mib'] - r['grads_mib']:.0f} | {r['time'] / best:.2f}x | "
+              f"{r['extra_mib'] - r['grads_mib']:.0f} | {vs} | "
               f"{100 * bound / r['time']:.0f}% ({100 * own / r['time']:.0f}%) | "
               f"{'' if sk != sk else f'{100 * sk:.0f}%'} | {r['load']:.1f} |")
     if targets and dtype == "float32":
