@@ -1,6 +1,6 @@
 """Cut cross-entropy: speed and memory of forward+backward against the alternatives.
 
-    python bench/cce.py --suite          # the tables of docs/cce.md, targets met or missed under each
+    python bench/cce.py --suite          # docs/cce.md's tables, targets met or missed under each
     python bench/cce.py --suite --parts dense peaked --rounds 3   # some parts only
     python bench/cce.py --suite --smoke  # the same cases on tiny shapes: checks every path runs
     python bench/cce.py                  # dense, N=8192, D=512, V in {32768, 131072}, CPU
@@ -23,7 +23,8 @@ case). "vs best alt" = time / fastest alternative's time in the same table. A ca
 materialises the N x V logits is not run where about three N x V float32 tensors would not fit in
 the memory the kernel reports as available (V = 262,144 at N = 8,192 needs ~24 GiB); its row
 says so. The float32 tables end with a floor that is not an implementation: the three GEMMs
-alone over 512-row blocks, no softmax (the time any three-GEMM implementation needs at least). Under each float32 table the suite prints the targets (dense: <= 0.95x the best
+alone over 512-row blocks, no softmax (the time any three-GEMM implementation needs at least).
+Under each float32 table the suite prints the targets (dense: <= 0.95x the best
 alternative's time and the least extra memory; peaked: >= 1.5x faster) as met or missed.
 
 Inputs. ``dense``: E ~ N(0, 1), C ~ N(0, 1/D), uniform targets (softmax spread over all classes,
