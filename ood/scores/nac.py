@@ -165,8 +165,9 @@ class NAC(OODScore):
 
     # ------------------------------------------------------------------ states
     def _logits_fn(self, model: nn.Module) -> Optional[Callable[[Tensor], Tensor]]:
-        """Features -> logits: the lossbench ``head.logits``, else an adapted classifier's final layer
-        (:func:`ood.adapt_classifier`); None for neither (the avgpool layer then raises)."""
+        """Features -> logits: the lossbench ``head.logits``, else a timm classifier's ``get_classifier()``
+        (checked in :meth:`states`), else an adapted classifier's final layer (:func:`ood.adapt_classifier`);
+        None for none of them (the avgpool layer then raises)."""
         fn = _logits_fn(model)[0]
         if fn is None:
             fn = _timm_classifier(model)
