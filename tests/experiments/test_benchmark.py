@@ -149,6 +149,24 @@ def test_unknown_train_option_and_loss_args_come_from_loss_configs(tmp_path):
         cell_args(bad, "ce", 0)
 
 
+def test_command_line_grid_narrows_the_files_per_name_arguments(tmp_path):
+    """``bench.py --losses focal`` on a config with ce's loss_args runs focal; the file is still checked."""
+    path = tmp_path / "bench.yaml"
+    path.write_text("losses: [ce, focal]\nloss_args:\n  ce: {label_smoothing: 0.2}\n"
+                    "scores: [msp, odin]\nscore_args:\n  odin: {temperature: 10}\n")
+    cfg = load_config(str(path), {"losses": ["focal"], "scores": ["msp"]})
+    assert cfg.losses == ["focal"] and cfg.loss_args == {} and cfg.score_args == {}
+    kept = load_config(str(path), {"losses": ["ce"]})
+    assert kept.loss_args == {"ce": {"label_smoothing": 0.2}} and kept.score_args == {"odin": {"temperature": 10}}
+    with pytest.raises(ConfigError, match="no_such_loss"):  # a wrong name on the command line still fails
+        load_config(str(path), {"losses": ["no_such_loss"]})
+    path.write_text("losses: [ce]\nloss_args:\n  focal: {gamma: 2}\n")  # a file naming a loss it leaves out
+    with pytest.raises(ConfigError, match="not benchmarked"):
+        load_config(str(path), {"losses": ["focal"]})
+    explicit = load_config(str(path), {"losses": ["focal"], "loss_args": {"focal": {"gamma": 3}}})
+    assert explicit.loss_args == {"focal": {"gamma": 3}}
+
+
 def test_all_losses_is_the_registry():
     import lossbench
 
