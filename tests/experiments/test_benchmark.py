@@ -163,8 +163,20 @@ def test_command_line_grid_narrows_the_files_per_name_arguments(tmp_path):
     path.write_text("losses: [ce]\nloss_args:\n  focal: {gamma: 2}\n")  # a file naming a loss it leaves out
     with pytest.raises(ConfigError, match="not benchmarked"):
         load_config(str(path), {"losses": ["focal"]})
-    explicit = load_config(str(path), {"losses": ["focal"], "loss_args": {"focal": {"gamma": 3}}})
-    assert explicit.loss_args == {"focal": {"gamma": 3}}
+    path.write_text("losses: [ce, focal]\nloss_args:\n  ce: {label_smoothing: 0.2, reduction: mean}\n")
+    merged = load_config(str(path), {"loss_args": {"ce": {"label_smoothing": 0.0}, "focal": {"gamma": 3}}})
+    assert merged.loss_args == {"ce": {"label_smoothing": 0.0, "reduction": "mean"}, "focal": {"gamma": 3}}
+    with pytest.raises(ConfigError, match="loss_args"):
+        load_config(str(path), {"loss_args": {"ce": 0.1}})
+
+
+def test_bench_cli_loss_and_score_args_reach_the_config():
+    from lossbench.experiments.benchmark.cli import build_parser_bench, overrides_from
+
+    ns = build_parser_bench().parse_args(["-c", "x.yaml", "--loss-args", '{"ce": {"label_smoothing": 0}}',
+                                          "--score-args", '{"odin": {"temperature": 10}}'])
+    out = overrides_from(ns)
+    assert out["loss_args"] == {"ce": {"label_smoothing": 0}} and out["score_args"] == {"odin": {"temperature": 10}}
 
 
 def test_all_losses_is_the_registry():

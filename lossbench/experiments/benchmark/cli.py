@@ -31,6 +31,11 @@ def build_parser_bench() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="train.device: auto | cpu | cuda | cuda:N")
     p.add_argument("--train-args", type=json.loads, default=None,
                    help='JSON object of further train.py options, e.g. \'{"batch_size": 128}\'')
+    p.add_argument("--loss-args", type=json.loads, default=None,
+                   help='JSON object {loss: {argument: value}} updating the config\'s loss_args, e.g. '
+                        '\'{"ce": {"label_smoothing": 0}}\'')
+    p.add_argument("--score-args", type=json.loads, default=None,
+                   help="JSON object {score: {argument: value}} updating the config's score_args")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the leaderboard plots")
     add_plugin_option(p)
@@ -44,6 +49,9 @@ def overrides_from(ns: argparse.Namespace) -> Dict[str, Any]:
                       ("ood", "ood_sets")):
         if getattr(ns, flag) is not None:
             out[key] = getattr(ns, flag)
+    for key in ("loss_args", "score_args"):
+        if getattr(ns, key) is not None:
+            out[key] = getattr(ns, key)
     if out.get("losses") == ["all"]:
         out["losses"] = "all"
     train = dict(ns.train_args or {})

@@ -202,11 +202,12 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Ben
 
     The file is checked as written first; where ``overrides`` narrow ``losses`` or ``scores`` (``bench.py
     --losses focal``), the file's ``loss_args`` / ``score_args`` for names left out are dropped.
+    ``loss_args`` / ``score_args`` overrides update the file's arguments of each name they give.
     """
     data = dict(load_yaml(path))
     overrides = dict(overrides or {})
     narrowed = [(grid, per_name) for grid, per_name in (("losses", "loss_args"), ("scores", "score_args"))
-                if grid in overrides and data.get(per_name) and per_name not in overrides]
+                if grid in overrides and data.get(per_name)]
     if narrowed:
         whole = resolve_config(data, path, os.path.dirname(os.path.abspath(path)))
         probe = dict(data, **{k: v for k, v in overrides.items() if k in ("losses", "scores")})
@@ -220,6 +221,12 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Ben
             if "plugin" in value and old.get("plugin"):  # both the config's plug-ins and the command line's
                 mine = plugin_list(old["plugin"])
                 data["train"]["plugin"] = mine + [p for p in plugin_list(value["plugin"]) if p not in mine]
+        elif key in ("loss_args", "score_args") and isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+            merged = dict(data[key])  # per name: the override's arguments update the file's (checked below)
+            for name, args in value.items():
+                both = isinstance(merged.get(name), Mapping) and isinstance(args, Mapping)
+                merged[name] = {**merged[name], **args} if both else args
+            data[key] = merged
         else:
             data[key] = value
     return resolve_config(data, path, os.path.dirname(os.path.abspath(path)))
