@@ -42,6 +42,22 @@ def test_registered_with_timm_and_builds_like_any_backbone():
         timm.create_model("lossbench_airbench94", pretrained=True)
 
 
+def test_head_pools_as_the_references_maxpool_ties_included():
+    """forward_head = airbench's MaxPool2d(3) on the 3x3 map, flattened, times 1/9: the same values and,
+    on tied maxima (frequent in bf16), the same backward (the whole gradient to one position)."""
+    net = _net()
+    fmap = torch.randint(0, 3, (4, 256, 3, 3)).float()  # many ties
+    mine, ref = fmap.clone().requires_grad_(True), fmap.clone().requires_grad_(True)
+    out = net.forward_head(mine, pre_logits=True)
+    expected = nn.MaxPool2d(3)(ref).flatten(1) / 9
+    torch.testing.assert_close(out, expected)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    torch.testing.assert_close(mine.grad, ref.grad)
+    assert int((mine.grad != 0).sum()) == 4 * 256  # one position per channel, ties or not
+
+
 def test_architecture_numbers_of_the_reference():
     net = _net()
     assert net.stem.kernel_size == (2, 2) and net.stem.out_channels == 24 and net.stem.padding == (0, 0)

@@ -14,8 +14,9 @@ KellerJordan/cifar10-airbench:
   initialisation with ``dirac_`` on the first ``in_channels`` filters;
 - BatchNorm: weight frozen at 1, eps 1e-12, running-statistics momentum 0.4 in torch's convention
   (the file's ``batchnorm_momentum`` 0.6 is ``1 - momentum``);
-- head: a max-pool over the final 3x3 map (``MaxPool2d(3)``; a global max-pool here, identical at
-  32 px), flatten, the 1/9 ``scaling_factor``, then a bias-free linear classifier.
+- head: a max-pool over the final 3x3 map (``MaxPool2d(3)``; a global max-pool here,
+  ``adaptive_max_pool2d(x, 1)``, identical at 32 px with the same backward), flatten, the 1/9
+  ``scaling_factor``, then a bias-free linear classifier.
 
 The 1/9 scale is applied to the pooled features (``forward_head(pre_logits=True)`` returns them
 scaled). For a bias-free linear layer ``W (f / 9) = (W f) / 9``, and its gradient is the same, so
@@ -158,7 +159,11 @@ class AirbenchNet(nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = torch.amax(x, dim=(2, 3)) * self.scaling_factor
+        # A max-pool over the whole map (airbench's MaxPool2d(3) on its 3x3 map), whose backward
+        # routes each gradient to one position as max-pooling does; torch.amax would split it
+        # among ties (frequent in bf16), and torch.compile's CPU backward of amax under bf16
+        # autocast returned NaN gradients (torch 2.14).
+        x = F.adaptive_max_pool2d(x, 1).flatten(1) * self.scaling_factor
         if self.drop_rate:
             x = F.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.fc(x)
