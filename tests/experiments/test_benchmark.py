@@ -436,6 +436,30 @@ def test_leaderboard_failure_columns():
     assert "AURC" not in next(l for l in old.splitlines() if l.startswith("| loss |"))
 
 
+def test_leaderboard_tta_accuracy_column():
+    """Cells of runs with test-time augmentation add 'acc with TTA' (mean ± std over seeds); others do not."""
+    from lossbench.experiments.benchmark.tables import compact_markdown
+
+    def cell(acc_tta):
+        m = _metrics(0.9, 0.8, 0.6)
+        m["test"].update(acc_tta=acc_tta, tta_level=2)
+        return m
+
+    rows = summarize({"ce": {0: cell(0.91), 1: cell(0.93)}, "focal": {0: cell(0.95)}})
+    assert rows["ce"]["stats"]["acc_tta"] == (pytest.approx(0.92), pytest.approx(np.std([0.91, 0.93], ddof=1)))
+    md = leaderboard_markdown(rows, ["msp"], ["a", "b"], "paper")
+    header = next(l for l in md.splitlines() if l.startswith("| loss |"))
+    assert "| acc | acc with TTA | ECE |" in header and "test-time augmentation" in md
+    assert "| 92.0 ± 1.4 |" in next(l for l in md.splitlines() if l.startswith("| ce |"))
+    assert "| **95.0** |" in next(l for l in md.splitlines() if l.startswith("| focal |"))
+    assert float(list(csv.DictReader(leaderboard_csv(rows).splitlines()))[0]["acc_tta_mean"]) == pytest.approx(0.92)
+    compact = compact_markdown(rows, ["msp"]).splitlines()
+    assert compact[0].startswith("| loss | acc | acc with TTA |") and "| 92.0±1.4 |" in compact[2]
+    plain = summarize({"ce": {0: _metrics(0.9, 0.8, 0.6)}})
+    assert "TTA" not in leaderboard_markdown(plain, ["msp"], ["a", "b"], "paper")
+    assert "TTA" not in compact_markdown(plain, ["msp"])
+
+
 def test_leaderboard_seeds_csv_and_latex():
     """``leaderboard_seeds.csv``: one row per (loss, seed) holding that cell's own numbers, whose mean is
     the leaderboard's mean; ``leaderboard.tex``: the compact table as a booktabs tabular, special

@@ -29,7 +29,8 @@ def set_label(name: str) -> str:
 
 
 def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
-    """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r; from its calibration
+    """Flat numbers of one cell's ``metrics.json``: acc, ece, p_at_1, map_at_r, ``acc_tta`` (with the
+    run's test-time augmentation, when it has one); from its calibration
     block (when present) ``ece_ts`` (ECE after temperature scaling), ``adaptive_ece``, ``brier``,
     ``nll``, ``nll_ts``, ``temperature``; from its failure block (when present) ``aurc``, ``augrc``,
     ``eaurc`` of the MSP confidence and ``failure/<confidence>/<metric>`` of every confidence; and per
@@ -37,6 +38,8 @@ def cell_values(metrics: Mapping[str, Any]) -> Dict[str, float]:
     and, with OOD groups, ``<score>/group:<group>/auroc|fpr95`` (the group's mean)."""
     out = {"acc": metrics["test"]["acc"], "ece": metrics["test"]["ece"],
            "p_at_1": metrics["embedding"]["p_at_1"], "map_at_r": metrics["embedding"]["map_at_r"]}
+    if "acc_tta" in metrics["test"]:  # the run's test-time augmentation (OOD scores never use it)
+        out["acc_tta"] = metrics["test"]["acc_tta"]
     cal = metrics.get("calibration")
     if cal is not None:
         before, after = cal["before"], cal["after"]

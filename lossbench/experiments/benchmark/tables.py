@@ -10,7 +10,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from ..report import CONVENTION_NOTES
 
 
-METRIC_LABELS = {"acc": "acc", "ece": "ECE", "ece_ts": "ECE after TS", "adaptive_ece": "adaptive ECE",
+METRIC_LABELS = {"acc": "acc", "acc_tta": "acc with TTA", "ece": "ECE", "ece_ts": "ECE after TS", "adaptive_ece": "adaptive ECE",
                  "brier": "Brier", "nll": "NLL", "aurc": "MSP AURC", "augrc": "MSP AUGRC", "p_at_1": "P@1",
                  "map_at_r": "MAP@R"}
 #: Columns where lower is better; the others (and AUROC) higher.
@@ -51,7 +51,9 @@ def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence
     lines = [
         (f"{title}\n\n" if title else "")
         + f"Table: mean ± sample std (ddof = 1) over {'/'.join(map(str, seeds))} seed(s), in %; best mean in "
-        f"bold. acc = top-1 test accuracy; ECE = 15-bin equal-width expected calibration error, ECE after TS = "
+        f"bold. acc = top-1 test accuracy"
+        + ("; acc with TTA = the same with the run's test-time augmentation (the OOD scores use the model "
+           "without it)" if "acc_tta" in present else "") + f"; ECE = 15-bin equal-width expected calibration error, ECE after TS = "
         f"the same after temperature scaling fitted on the validation split, adaptive ECE = 15 equal-mass "
         f"bins, Brier = multi-class Brier score (0-2), NLL = mean negative log-likelihood (not in %); for "
         f"these lower is better. "
@@ -173,13 +175,15 @@ def _compact_cells(rows: Mapping[str, Mapping[str, Any]], scores: Sequence[str],
         d = 1 if percent else 3
         return f"{k * m:.{d}f}" + ("" if math.isnan(s) else f"{pm}{k * s:.{d}f}")
 
-    head = ["loss", "acc", f"ECE {arrow} after TS", "adaptive ECE", "Brier", "NLL", "MSP AURC / AUGRC", "P@1",
-            "MAP@R"] + list(scores)
+    tta = any("acc_tta" in r["stats"] for r in rows.values())
+    head = (["loss", "acc"] + (["acc with TTA"] if tta else [])
+            + [f"ECE {arrow} after TS", "adaptive ECE", "Brier", "NLL", "MSP AURC / AUGRC", "P@1", "MAP@R"]
+            + list(scores))
     body = []
     for loss, r in rows.items():
-        cells = [loss, f(r, "acc"), f"{f(r, 'ece')} {arrow} {f(r, 'ece_ts')}", f(r, "adaptive_ece"),
-                 f(r, "brier", False), f(r, "nll", False), f"{f(r, 'aurc')} / {f(r, 'augrc')}", f(r, "p_at_1"),
-                 f(r, "map_at_r")]
+        cells = ([loss, f(r, "acc")] + ([f(r, "acc_tta")] if tta else [])
+                 + [f"{f(r, 'ece')} {arrow} {f(r, 'ece_ts')}", f(r, "adaptive_ece"), f(r, "brier", False),
+                    f(r, "nll", False), f"{f(r, 'aurc')} / {f(r, 'augrc')}", f(r, "p_at_1"), f(r, "map_at_r")])
         cells += ["skipped" if s in (r.get("skipped") or {}) and f"{s}/auroc" not in r["stats"]
                   else f"{f(r, f'{s}/auroc')} / {f(r, f'{s}/fpr95')}" for s in scores]
         body.append(cells)
