@@ -259,6 +259,20 @@ def test_default_benchmark_end_to_end_resumes_and_skips(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained nor re-evaluated
     assert again["rows"]["ce"]["stats"]["acc"][0] == pytest.approx(mean_acc, abs=1e-6)
 
+    # a run narrowed to one cell writes its own grid's leaderboard; --leaderboard-only rewrites the
+    # whole grid's from the finished cells, naming those not finished, and touches no cell
+    capsys.readouterr()
+    assert main(flags + ["--losses", "ce", "--seeds", "0", "--no-plots"]) == 0
+    assert [r["loss"] for r in csv.DictReader((out_dir / "leaderboard.csv").read_text().splitlines())] == ["ce"]
+    capsys.readouterr()
+    assert main(flags + ["--seeds", "0,1,2", "--leaderboard-only", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 finished cell(s)" in printed and "not finished: ce-s2, svm_l2-s2" in printed
+    board = list(csv.DictReader((out_dir / "leaderboard.csv").read_text().splitlines()))
+    assert [r["loss"] for r in board] == ["ce", "svm_l2"] and float(board[0]["acc_mean"]) == pytest.approx(mean_acc)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert not (runs / "ce-s2").exists()
+
     # other evaluation settings: re-evaluated, not retrained
     assert main(flags + ["--scores", "msp,energy", "--no-plots"]) == 0
     assert "trained 0, resumed 0, evaluated 4, skipped 0" in capsys.readouterr().out

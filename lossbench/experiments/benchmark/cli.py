@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Sequence
 
 from ...framework.cli import list_type
 from ...framework.plugins import add_plugin_option, preload_plugins
-from .runner import run_benchmark
+from .aggregate import collect
+from .runner import run_benchmark, write_leaderboard
 from .schema import load_config
 
 
@@ -38,6 +39,9 @@ def build_parser_bench() -> argparse.ArgumentParser:
                    help="JSON object {score: {argument: value}} updating the config's score_args")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the leaderboard plots")
+    p.add_argument("--leaderboard-only", action="store_true",
+                   help="rewrite the leaderboard from the grid's finished cells; train and evaluate nothing "
+                        "(e.g. the whole file's grid after runs narrowed with --losses / --seeds)")
     add_plugin_option(p)
     return p
 
@@ -70,6 +74,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     preload_plugins(argv)  # before the config's loss and score names are checked
     ns = build_parser_bench().parse_args(argv)
     cfg = load_config(ns.config, overrides_from(ns))
+    if ns.leaderboard_only:
+        board = write_leaderboard(cfg, plots=not ns.no_plots)
+        done = collect(cfg)
+        missing = [f"{loss}-s{seed}" for loss in cfg.losses for seed in cfg.seeds if seed not in done.get(loss, {})]
+        print(board["markdown"])
+        print(f"leaderboard of {sum(map(len, done.values()))} finished cell(s) in {cfg.output}"
+              + (f"; not finished: {', '.join(missing)}" if missing else ""))
+        return 0
     res = run_benchmark(cfg, progress=not ns.no_progress, plots=not ns.no_plots)
     print(res["markdown"])
     c = res["counts"]
