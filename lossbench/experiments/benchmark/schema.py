@@ -25,7 +25,6 @@ BENCH_KEYS = ("output", "train", "losses", "loss_args", "loss_configs", "seeds",
               "search", "scores", "score_args", "convention", "checkpoint", "max_ood_samples", "n_noise",
               "eval_batch_size", "embedding_distance", "cell_plots")
 #: train.py options the benchmark sets per cell; a config's ``train`` section may not set them.
-DEFAULT_SCORES = ("msp", "energy", "maxlogit", "mahalanobis")  # a config without 'scores'
 PER_CELL_KEYS = ("loss", "loss_args", "seed", "output", "name", "resume", "stop_after_epochs", "config")
 
 
@@ -145,7 +144,7 @@ def resolve_config(data: Mapping[str, Any], source: str = "config", base_dir: st
     bad = [n for n in losses if n not in all_losses]
     if bad:
         raise ConfigError(f"unknown loss name(s) {bad} in {source}; expected names from {all_losses} or 'all'")
-    scores = data.get("scores", list(DEFAULT_SCORES))
+    scores = data.get("scores", ["msp", "energy", "maxlogit", "mahalanobis"])
     scores = list_scores() if scores in ("all", ["all"]) else _names(scores, "scores")
     bad = [n for n in scores if n not in list_scores()]
     if bad:
@@ -210,9 +209,9 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Ben
                 if grid in overrides and data.get(per_name)]
     if narrowed:
         whole = resolve_config(data, path, os.path.dirname(os.path.abspath(path)))
-        probe = dict(data, **{k: v for k, v in overrides.items() if k in ("losses", "scores")})
-        for grid, per_name in narrowed:
-            kept = set(_grid_names(probe, grid))
+        grid = resolve_config({k: overrides[k] for k, _ in narrowed}, "the command line")
+        for key, per_name in narrowed:
+            kept = set(getattr(grid, key))
             data[per_name] = {k: v for k, v in getattr(whole, per_name).items() if k in kept}
     for key, value in (overrides or {}).items():
         if key == "train":
@@ -230,14 +229,6 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Ben
         else:
             data[key] = value
     return resolve_config(data, path, os.path.dirname(os.path.abspath(path)))
-
-
-def _grid_names(data: Mapping[str, Any], grid: str) -> List[str]:
-    """The loss or score names a (not yet resolved) config mapping asks for; 'all' expanded."""
-    value = data.get(grid, "all" if grid == "losses" else list(DEFAULT_SCORES))
-    if value in ("all", ["all"]):
-        return list_losses() if grid == "losses" else list_scores()
-    return [str(n) for n in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def loss_args_for(cfg: BenchConfig, loss: str) -> Dict[str, Any]:

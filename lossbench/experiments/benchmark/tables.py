@@ -10,9 +10,9 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from ..report import CONVENTION_NOTES
 
 
-METRIC_LABELS = {"acc": "acc", "acc_tta": "acc with TTA", "ece": "ECE", "ece_ts": "ECE after TS", "adaptive_ece": "adaptive ECE",
-                 "brier": "Brier", "nll": "NLL", "aurc": "MSP AURC", "augrc": "MSP AUGRC", "p_at_1": "P@1",
-                 "map_at_r": "MAP@R"}
+METRIC_LABELS = {"acc": "acc", "acc_tta": "acc with TTA", "ece": "ECE", "ece_ts": "ECE after TS",
+                 "adaptive_ece": "adaptive ECE", "brier": "Brier", "nll": "NLL", "aurc": "MSP AURC",
+                 "augrc": "MSP AUGRC", "p_at_1": "P@1", "map_at_r": "MAP@R"}
 #: Columns where lower is better; the others (and AUROC) higher.
 LOWER_IS_BETTER = ("ece", "ece_ts", "adaptive_ece", "brier", "nll", "aurc", "augrc")
 #: Columns shown as plain numbers (3 decimals), not percentages.
@@ -53,10 +53,10 @@ def leaderboard_markdown(rows: Mapping[str, Mapping[str, Any]], scores: Sequence
         + f"Table: mean ± sample std (ddof = 1) over {'/'.join(map(str, seeds))} seed(s), in %; best mean in "
         f"bold. acc = top-1 test accuracy"
         + ("; acc with TTA = the same with the run's test-time augmentation (the OOD scores use the model "
-           "without it)" if "acc_tta" in present else "") + f"; ECE = 15-bin equal-width expected calibration error, ECE after TS = "
-        f"the same after temperature scaling fitted on the validation split, adaptive ECE = 15 equal-mass "
-        f"bins, Brier = multi-class Brier score (0-2), NLL = mean negative log-likelihood (not in %); for "
-        f"these lower is better. "
+           "without it)" if "acc_tta" in present else "")
+        + "; ECE = 15-bin equal-width expected calibration error, ECE after TS = the same after temperature "
+        "scaling fitted on the validation split, adaptive ECE = 15 equal-mass bins, Brier = multi-class "
+        "Brier score (0-2), NLL = mean negative log-likelihood (not in %); for these lower is better. "
         + ("MSP AURC / AUGRC = area under the (generalized) risk-coverage curve of the test predictions "
            "ranked by their max softmax probability (failure detection: lower is better; tied confidences "
            "accepted together, as FD-Shifts). " if "aurc" in present else "")
