@@ -155,3 +155,77 @@ def test_a_fixed_row_block_case_passes_rows_per_block(bench, monkeypatch):
     assert seen["rows_per_block"] == 512 and seen["impl"] == "torch"
     bench.make_case("lossbench ext unsorted")(None, None, None)
     assert seen["rows_per_block"] is None and seen["sort_vocab"] is False
+
+
+def _fake_runs(bench, monkeypatch, fail_after=None):
+    """run_case replaced by a counter: each case-round's time is 1 + its call number."""
+    calls = []
+
+    def run_case(case, n, d, v, device, reps, timeout, kind, dtype):
+        if fail_after is not None and len(calls) == fail_after:
+            raise KeyboardInterrupt  # the run is killed here
+        calls.append(case)
+        return {"case": case, "time": float(len(calls)), "extra_mib": 1.0, "gemm_rate": 1e11,
+                "grads_mib": 0.5, "skipped": float("nan"), "load": 0.1}
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    monkeypatch.setattr(bench, "mem_available", lambda: float("inf"))
+    return calls
+
+
+def _table(bench, store, rate=1e11):
+    return bench.table(64, 8, 128, "cpu", 1, 10.0, "dense", "float32", ["a", "b", "c"], rate,
+                       rounds=3, store=str(store), part="dense")
+
+
+def test_a_killed_suite_table_resumes_without_rerunning_a_finished_case_round(bench, monkeypatch,
+                                                                               tmp_path):
+    store = tmp_path / "t.json"
+    calls = _fake_runs(bench, monkeypatch, fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        _table(bench, store)
+    assert calls == ["a", "b", "c", "c"]  # round 1 forwards, round 2 backwards
+    done = __import__("json").loads(store.read_text())
+    assert [len(done["results"][c]) for c in "abc"] == [1, 1, 2]
+    calls2 = _fake_runs(bench, monkeypatch)
+    rows = _table(bench, store, rate=5e10)  # the rate measured when the table started is kept
+    assert calls2 == ["b", "a", "a", "b", "c"]  # the rest of round 2, then round 3
+    assert [len(r["rounds"]) for r in rows] == [3, 3, 3]
+    assert rows[2]["rounds"] == [3.0, 4.0, 5.0]  # c: the stored rounds, then the new one
+    state = __import__("json").loads(store.read_text())
+    assert state["rate"] == 1e11 and len(state["dates"]) == 9
+    calls3 = _fake_runs(bench, monkeypatch)
+    assert [r["rounds"] for r in _table(bench, store)] == [r["rounds"] for r in rows]
+    assert calls3 == []  # a finished table is reprinted, nothing is run
+
+
+def test_a_suite_table_of_another_machine_or_setting_starts_anew(bench, monkeypatch, tmp_path,
+                                                                 capsys):
+    store = tmp_path / "t.json"
+    _fake_runs(bench, monkeypatch)
+    _table(bench, store)
+    state = __import__("json").loads(store.read_text())
+    state["machine"]["cpu"] = "another CPU"
+    store.write_text(__import__("json").dumps(state))
+    calls = _fake_runs(bench, monkeypatch)
+    _table(bench, store)
+    assert len(calls) == 9 and "no table mixes machines" in capsys.readouterr().out
+    store.write_text("{not json")
+    calls = _fake_runs(bench, monkeypatch)
+    _table(bench, store)
+    assert len(calls) == 9 and "unreadable" in capsys.readouterr().out
+    calls = _fake_runs(bench, monkeypatch)
+    bench.table(64, 8, 256, "cpu", 1, 10.0, "dense", "float32", ["a", "b", "c"], 1e11,
+                rounds=3, store=str(store), part="dense")  # another V in the same file
+    assert len(calls) == 9 and "other settings" in capsys.readouterr().out
+
+
+def test_peaked_targets_state_the_bound_that_filtering_allows(bench):
+    alt = bench.ALTERNATIVES
+    rows = [dict(_row("lossbench ext", 8.0, 1.0), skipped=0.7), _row(alt[3], 12.0, 1.0),
+            _row(bench.FLOOR, 10.0, 1.0)]
+    lines = bench.target_lines("peaked", rows)
+    # kept 30 %: one full GEMM and two at 30 % = 1.6 of 3 GEMMs of the floor's 10 s
+    assert "missed (1.50x)" not in lines[0] and "met (1.50x)" in lines[0]
+    assert "are 53% of the floor's, 5.33 s: at most 2.25x faster" in lines[1]
+    assert len(bench.target_lines("peaked", rows[:2])) == 1  # no floor row: no bound line
