@@ -16,6 +16,9 @@ from .labelled_passes import loader_labels, ordered_batches
 
 #: The ``1e-6`` the official and OpenOOD deviations add to the range ends before dividing by them.
 RANGE_EPS = 1e-6
+#: Most bytes of held-out Gram row sums :meth:`GRAM.fit` keeps from its ranges pass; above it the
+#: held-out deviations take a second pass over the training data instead.
+HELD_OUT_BYTES = 1 << 30
 
 
 def gram_row_sums(f: Tensor, powers: Sequence[int]) -> Tensor:
@@ -90,8 +93,9 @@ class GRAM(OODScore):
     *predicted* class of all training images, and ``n_l`` from 10 % of the **ID test** set (not
     reproducible without test data). Defaults: ``powers = (1, ..., 5)`` (OpenOOD; its sweep has this
     one point, ``GRID = {}``). Inputs: the model (one forward per batch with hooks), training
-    data with labels (three passes at fit: labels, ranges, held-out deviations; the loader must
-    yield the same order each time). A model without such modules, a class without training
+    data with labels (passes at fit: labels, then ranges; the held-out samples' row sums are kept
+    from the ranges pass and scored once the ranges are final, or, when they would take more than
+    ``held_out_bytes``, re-computed by a third pass; the loader must yield the same order each time). A model without such modules, a class without training
     samples, no held-out sample, or a layer whose held-out deviation is 0 (``n_l = 0``) raises
     :class:`~ood.scores.feature_base.ScoreNotApplicable`.
     """
@@ -100,7 +104,8 @@ class GRAM(OODScore):
     needs = "model"
     GRID: dict = {}
 
-    def __init__(self, powers: Sequence[int] = (1, 2, 3, 4, 5), holdout: float = 0.1, seed: int = 0):
+    def __init__(self, powers: Sequence[int] = (1, 2, 3, 4, 5), holdout: float = 0.1, seed: int = 0,
+                 held_out_bytes: int = HELD_OUT_BYTES):
         if isinstance(powers, (str, bytes)) or not hasattr(powers, "__iter__"):
             raise ValueError(f"powers must be a sequence of integers >= 1, got {powers!r}")
         powers = tuple(powers)
@@ -111,6 +116,9 @@ class GRAM(OODScore):
         self.powers = tuple(int(p) for p in powers)
         self.holdout = float(holdout)
         self.seed = int(seed)
+        if not isinstance(held_out_bytes, numbers.Integral) or isinstance(held_out_bytes, bool) or held_out_bytes < 0:
+            raise ValueError(f"held_out_bytes must be an integer >= 0, got {held_out_bytes!r}")
+        self.held_out_bytes = int(held_out_bytes)
 
     def _pass(self, model: nn.Module, loader: Iterable, labels: List[Tensor], fn: Callable) -> None:
         """``fn(batch index, labels, logits, grams)`` on every batch, checking the loader's order."""
@@ -141,6 +149,9 @@ class GRAM(OODScore):
         offsets = torch.cumsum(torch.tensor([0] + [t.numel() for t in labels]), 0)
         lows: List[Tensor] = []
         highs: List[Tensor] = []
+        # the held-out samples' row sums and labels, batch by batch, while they fit in the budget
+        kept: List[Tuple[Tensor, List[Tensor]]] = []
+        keep_held = [True]
 
         def ranges(i, y, logits, grams):
             if not lows:
@@ -153,11 +164,19 @@ class GRAM(OODScore):
                     highs.append(torch.full((num_classes[0],) + g.shape[1:], float("-inf"), dtype=torch.float64))
             if len(grams) != len(lows):
                 raise ValueError(f"gram: the model's hooked calls changed between batches ({len(grams)} vs {len(lows)})")
-            keep = ~held[offsets[i]:offsets[i + 1]]
+            sel = held[offsets[i]:offsets[i + 1]]
+            keep = ~sel
             for lo, hi, g in zip(lows, highs, grams):
                 idx = y[keep][:, None, None].expand(-1, *g.shape[1:])
                 lo.scatter_reduce_(0, idx, g[keep], reduce="amin")
                 hi.scatter_reduce_(0, idx, g[keep], reduce="amax")
+            if keep_held[0] and sel.any():
+                per_sample = sum(g[0].numel() * g.element_size() for g in grams)
+                if per_sample * int(held.sum()) > self.held_out_bytes:
+                    keep_held[0] = False
+                    kept.clear()
+                else:
+                    kept.append((y[sel], [g[sel] for g in grams]))
 
         self._pass(model, loader, labels, ranges)
         if not lows:
@@ -176,7 +195,13 @@ class GRAM(OODScore):
                 dev_sum.add_(self._deviations(grams, y)[sel].sum(dim=0))
                 count[0] += int(sel.sum())
 
-        self._pass(model, loader, labels, heldout)
+        if keep_held[0]:  # the same rows and sums as the pass below, without the model
+            for y_held, grams in kept:
+                dev_sum.add_(self._deviations(grams, y_held).sum(dim=0))
+                count[0] += y_held.numel()
+            kept.clear()
+        else:
+            self._pass(model, loader, labels, heldout)
         norm = dev_sum / count[0]
         zero = torch.nonzero(norm <= 0).flatten().tolist()
         if zero:

@@ -251,7 +251,8 @@ def _dev(g, lo, hi):
     return (np.maximum(lo - g, 0) / np.abs(lo + 1e-6) + np.maximum(g - hi, 0) / np.abs(hi + 1e-6)).sum(axis=-1)
 
 
-def test_gram_matches_the_transcription(resnet_model):
+@pytest.mark.parametrize("held_out_bytes", [None, 0])  # held-out row sums kept / a third pass
+def test_gram_matches_the_transcription(resnet_model, held_out_bytes):
     model = copy.deepcopy(resnet_model).double().eval()
     g = torch.Generator().manual_seed(9)
     y = torch.arange(80) % 4
@@ -259,7 +260,8 @@ def test_gram_matches_the_transcription(resnet_model):
     x = torch.cat([torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64),
                    3 * torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64)])
     powers = (1, 2, 3)
-    s = create_score("gram", powers=powers, seed=2).fit(model, loader(x_tr, y, batch_size=16))
+    kw = {} if held_out_bytes is None else {"held_out_bytes": held_out_bytes}
+    s = create_score("gram", powers=powers, seed=2, **kw).fit(model, loader(x_tr, y, batch_size=16))
     held = s.heldout_.numpy()
     assert [int(held[y.numpy() == c].sum()) for c in range(4)] == [2] * 4  # int(0.1 * 20) per class
     _, tr = _taps(model, x_tr)
@@ -281,6 +283,23 @@ def test_gram_matches_the_transcription(resnet_model):
     want = -total / softmax(logits, axis=1).max(axis=1)
     np.testing.assert_allclose(s.score(model, loader(x, batch_size=4)).numpy(), want, rtol=1e-9)
     assert len(tr) == s.num_layers_ > 10
+
+
+def test_gram_keeps_the_held_out_row_sums_instead_of_a_third_pass(resnet_model):
+    model = copy.deepcopy(resnet_model).eval()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(60) % 4
+    x_tr = torch.randn(60, 3, 32, 32, generator=g) + 0.5 * y[:, None, None, None]
+    kept = create_score("gram", powers=(1, 2), seed=1).fit(model, loader(x_tr, y, batch_size=16))
+    assert sum(calls) == 60  # the ranges pass only (labels come from the loader)
+    calls.clear()
+    passes = create_score("gram", powers=(1, 2), seed=1, held_out_bytes=0).fit(model, loader(x_tr, y, batch_size=16))
+    assert sum(calls) == 120  # over the budget: a second model pass for the held-out deviations
+    assert torch.equal(kept.norms_, passes.norms_)  # the same rows summed in the same order
+    with pytest.raises(ValueError, match="held_out_bytes"):
+        create_score("gram", held_out_bytes=-1)
 
 
 def test_gram_refuses_unusable_models_and_data(resnet_model):
