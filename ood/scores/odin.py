@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,9 +17,20 @@ from .base import (
     model_device,
 )
 
+#: Most bytes of step directions (int8, one per input entry) kept per loader and temperature for the
+#: other grid points of an evaluation (:attr:`~ood.scores.base.OODScore.pass_memo`); a larger loader
+#: computes them inline at every point.
+DIRECTION_MEMO_BYTES = 256 << 20
+
 #: The paper's grids (Liang et al. 2018, Sec. 4.2 / Appendix): T and 21 evenly spaced eps in [0, 0.004].
 ODIN_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 ODIN_EPS_GRID = tuple(round(0.0002 * i, 4) for i in range(21))
+
+
+def _fingerprint(x: Tensor) -> Tuple[Any, ...]:
+    """Shape, sum and first entries of a batch: tells a reshuffled or changed batch from the same one."""
+    flat = x.detach().reshape(-1)
+    return (tuple(x.shape), float(flat.double().sum()), tuple(flat[:8].tolist()))
 
 
 @register_score("odin")
@@ -35,7 +46,11 @@ class ODIN(LogitScore):
     Defaults: T = 1000 (the paper's choice for every network), eps = 0.0014 (the official
     DenseNet/CIFAR-10 setting). Tune over ``ODIN_TEMPERATURES`` x ``ODIN_EPS_GRID`` on
     validation data as the paper does. ``score_logits`` is the no-pre-processing variant
-    (temperature scaling only). Inputs ``(N, ...)`` -> scores ``(N,)``.
+    (temperature scaling only). Inputs ``(N, ...)`` -> scores ``(N,)``. Within an evaluation
+    (:attr:`~ood.scores.base.OODScore.pass_memo` set, as ``evaluate_ood`` does) the step directions
+    of a loader are computed once per temperature and shared by every ``eps`` of the search (up to
+    :data:`DIRECTION_MEMO_BYTES` per loader; a batch that differs from the one they were computed
+    on is pre-processed inline), with the same scores bit for bit.
     """
 
     needs = "model"  # differentiates through the input
@@ -77,11 +92,34 @@ class ODIN(LogitScore):
         grad = self.input_gradient(model, x)
         return input_step(x.detach(), self.step_direction(grad), self.eps, self.input_std)
 
-    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
-        parts = []
+    def _directions(self, model: nn.Module, loader: Iterable) -> Optional[List[Tuple[Tuple[Any, ...], Tensor]]]:
+        """``(fingerprint, step direction)`` of every batch of ``loader`` (int8, on the CPU), or
+        ``None`` once they pass :data:`DIRECTION_MEMO_BYTES`. They depend on the temperature, not on
+        ``eps``; the fingerprint tells a later pass whether the batch is the same."""
+        out = []
+        size = 0
         with eval_mode(model):
             for x, _ in batches(loader, model_device(model)):
-                x_hat = self.preprocess(model, x)
+                d = self.step_direction(self.input_gradient(model, x)).to("cpu", torch.int8)
+                size += d.numel()
+                if size > DIRECTION_MEMO_BYTES:
+                    return None
+                out.append((_fingerprint(x), d))
+        return out
+
+    def score(self, model: nn.Module, loader: Iterable) -> Tensor:
+        # Within an evaluation (pass_memo set) the directions are kept per loader and temperature,
+        # so the grid's other eps values take one forward per batch instead of a backward as well.
+        dirs = (self.memoised((self.name, "step direction", self.temperature), loader,
+                              lambda: self._directions(model, loader))
+                if self.pass_memo is not None and self.eps != 0 else None)
+        parts = []
+        with eval_mode(model):
+            for i, (x, _) in enumerate(batches(loader, model_device(model))):
+                if dirs is not None and i < len(dirs) and dirs[i][0] == _fingerprint(x):
+                    x_hat = input_step(x.detach(), dirs[i][1].to(x.device, x.dtype), self.eps, self.input_std)
+                else:  # no memo, or the loader yielded another batch than before (shuffled): inline
+                    x_hat = self.preprocess(model, x)
                 with torch.no_grad():
                     parts.append(self.score_logits(model(x_hat)))
         return concat_scores(parts, "odin score")

@@ -179,6 +179,53 @@ def test_iodin_moves_one_entry_where_odin_moves_all():
     assert get_score_class("iodin").GRID == {"temperature": (1.0, 10.0, 100.0, 1000.0), "eps": (0.0014, 0.0028)}
 
 
+@pytest.mark.parametrize("name", ["odin", "iodin"])
+def test_odin_grid_points_share_the_step_directions_of_a_temperature(name, monkeypatch):
+    """In an evaluation (pass_memo set) one backward per batch and temperature serves every eps: the
+    scores equal those computed inline, bit for bit, against the transcription for i-ODIN."""
+    import ood.scores.odin as odin_module
+
+    model = ReluNet(c=4).eval()
+    x = torch.cat([_x(12, 5), 2 * _x(6, 6)])
+    data = loader(x, batch_size=5)
+    cls = get_score_class(name)
+    backwards = []
+    real = cls.input_gradient
+    monkeypatch.setattr(cls, "input_gradient", lambda self, m, xb: backwards.append(len(xb)) or real(self, m, xb))
+    memo: dict = {}
+    for temperature in (1.0, 10.0):
+        for eps in (0.0014, 0.02, 0.05):
+            inline = create_score(name, temperature=temperature, eps=eps).score(model, data)
+            shared = create_score(name, temperature=temperature, eps=eps)
+            shared.pass_memo = memo
+            got = shared.score(model, data)
+            assert torch.equal(got, inline)
+            if name == "iodin":
+                np.testing.assert_allclose(got.numpy(), _iodin_ref(_np(model), x.numpy(), temperature, eps, None),
+                                           rtol=1e-10)
+    # inline: 6 points x 18 samples; shared: 18 samples per temperature
+    assert sum(backwards) == 6 * 18 + 2 * 18
+    class Reshuffled:  # the same loader object yielding other batches the next time
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter(loader(x if self.calls == 1 else x.flip(0), batch_size=5))
+
+    other = create_score(name, temperature=1.0, eps=0.05)
+    other.pass_memo = memo
+    backwards.clear()  # its directions pass sees x, the scoring pass x reversed: computed inline
+    assert torch.equal(other.score(model, Reshuffled()),
+                       create_score(name, temperature=1.0, eps=0.05).score(model, loader(x.flip(0), batch_size=5)))
+    assert sum(backwards) == 18 + 18 + 18
+    # over the budget: computed inline at every point
+    monkeypatch.setattr(odin_module, "DIRECTION_MEMO_BYTES", 10)
+    big = create_score(name, temperature=100.0, eps=0.02)
+    big.pass_memo = {}
+    assert torch.equal(big.score(model, data), create_score(name, temperature=100.0, eps=0.02).score(model, data))
+
+
 # ---- RankFeat ------------------------------------------------------------------------------------
 def _rank1_removed(f):
     out = np.empty_like(f)
