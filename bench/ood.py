@@ -3,6 +3,7 @@ Mahalanobis, eval.py.
 
     python bench/ood.py                          # scores + knn + model tables: 50,000 x 512 train, 10,000 queries
     python bench/ood.py --part mahalanobis       # batched vs per-class-loop Mahalanobis, 100 classes
+    python bench/ood.py --part odin-search       # ODIN / i-ODIN searches: step directions shared vs inline
     python bench/ood.py --part model             # the scores that run the model: resnet10t, 2,000 + 1,000 images
     python bench/ood.py --checkpoint RUN/best.pt [-- extra eval.py arguments]
 
@@ -26,6 +27,12 @@ benchmark gives them the data's std (``PIXEL_STEP_SCORES``); Mahalanobis with a 
 its ``validation`` protocol (FGSM samples, eps chosen on them) inside ``fit``. Besides wall seconds the
 table gives the process's CPU seconds (all threads), which depend less on other jobs sharing the cores.
 
+ODIN search table (``--part odin-search``): ``evaluate_ood`` with ``search=True`` for ODIN and i-ODIN
+on the same random model, ``--model-val`` validation and as many validation-OOD images, in alternating
+rounds (``--repeats`` of each): the step directions shared across each temperature's eps values (the
+default) against computing them at every grid point (the memo's budget set to 0); the scores must
+agree bit for bit.
+
 Mahalanobis table:
 Both implementations compute the same float64 quantities (the table shows their largest
 difference): fit = class means + tied covariance + pseudo-inverse; score = min over classes of
@@ -39,6 +46,7 @@ import argparse
 import os
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -237,9 +245,58 @@ def model_table(a) -> None:
               f"{c_fit:.2f} / {c_sc:.2f} |", flush=True)
 
 
+def odin_search_table(a) -> None:
+    """``evaluate_ood(..., search=True)`` for ODIN and i-ODIN, step directions shared vs inline."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import ood.scores.odin as odin_module
+    from lossbench.framework.models import create_model
+    from ood import evaluate_ood
+
+    torch.manual_seed(a.seed)
+    model = create_model(a.model_arch, a.classes, "ce", small_stem=a.model_small_stem).eval()
+    g = torch.Generator().manual_seed(a.seed)
+
+    def images(n: int) -> DataLoader:
+        x = torch.randn(n, 3, a.model_size, a.model_size, generator=g)
+        return DataLoader(TensorDataset(x, torch.randint(0, a.classes, (n,), generator=g)), batch_size=a.model_batch)
+
+    train, val, vood, test, out = (images(n) for n in (256, a.model_val, a.model_val, 256, 256))
+    budget = odin_module.DIRECTION_MEMO_BYTES
+    print(f"\nODIN + i-ODIN searches (OpenOOD grids, {len(odin_module.ODIN.GRID['temperature'])} x "
+          f"{len(odin_module.ODIN.GRID['eps'])} points each), {a.model_arch} (random weights), "
+          f"{a.model_val:,} validation + {a.model_val:,} validation-OOD images, alternating rounds; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| variant | round | wall (s) | CPU (s) |")
+    print("|---|---|---|---|")
+    times: dict = {"shared": [], "inline": []}
+    results = {}
+    for r in range(a.repeats):
+        for variant in (("inline", "shared") if r % 2 == 0 else ("shared", "inline")):
+            odin_module.DIRECTION_MEMO_BYTES = budget if variant == "shared" else 0
+            try:
+                c0, t0 = time.process_time(), time.perf_counter()
+                res = evaluate_ood(model, train, test, {"ood": out}, scores=["odin", "iodin"], val_loader=val,
+                                   val_ood_loader=vood, search=True)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            finally:
+                odin_module.DIRECTION_MEMO_BYTES = budget
+            times[variant].append(wall)
+            results[variant] = res
+            print(f"| {variant} | {r + 1} | {wall:.1f} | {cpu:.1f} |", flush=True)
+    sh, inl = results["shared"], results["inline"]
+    same = sh["search"] == inl["search"] and all(
+        np.array_equal(sh["scores"][n][k][part], inl["scores"][n][k][part])
+        for n in ("odin", "iodin") for k in sh["scores"][n] for part in ("id", "ood"))
+    print(f"median wall: inline {statistics.median(times['inline']):.1f} s, shared "
+          f"{statistics.median(times['shared']):.1f} s ({statistics.median(times['inline']) / statistics.median(times['shared']):.2f}x); "
+          f"results identical: {same}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("scores", "knn", "model", "mahalanobis", "default", "all"), default="default",
+    p.add_argument("--part", choices=("scores", "knn", "model", "mahalanobis", "odin-search", "default", "all"),
+                   default="default",
                    help="default: scores + knn + model")
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--queries", type=int, default=10_000)
@@ -269,6 +326,8 @@ def main() -> None:
         model_table(a)
     if a.part in ("mahalanobis", "all"):
         mahalanobis_table(a)
+    if a.part in ("odin-search", "all"):
+        odin_search_table(a)
     if a.checkpoint:
         extra = [x for x in a.eval_args if x != "--"]
         cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", a.checkpoint, *extra]
