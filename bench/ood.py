@@ -197,11 +197,10 @@ def mahalanobis_table(a) -> None:
 
 
 
-def model_table(a) -> None:
-    """Fit and score time of every ``needs == 'model'`` score through its own ``fit`` / ``score``."""
+def random_model_and_images(a):
+    """The model tables' network (random weights, eval mode) and a maker of seeded N(0, 1) image loaders."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lossbench.experiments.evaluate_run import PIXEL_STEP_SCORES
     from lossbench.framework.models import create_model
 
     torch.manual_seed(a.seed)
@@ -212,6 +211,15 @@ def model_table(a) -> None:
         x = torch.randn(n, 3, a.model_size, a.model_size, generator=g)
         y = torch.randint(0, a.classes, (n,), generator=g)
         return DataLoader(TensorDataset(x, y), batch_size=a.model_batch, shuffle=False)
+
+    return model, images
+
+
+def model_table(a) -> None:
+    """Fit and score time of every ``needs == 'model'`` score through its own ``fit`` / ``score``."""
+    from lossbench.experiments.evaluate_run import PIXEL_STEP_SCORES
+
+    model, images = random_model_and_images(a)
 
     train, val, queries = images(a.model_n), images(a.model_val), images(a.model_queries)
     names = [n for n in list_scores() if get_score_class(n).needs == "model"]
@@ -247,19 +255,10 @@ def model_table(a) -> None:
 
 def odin_search_table(a) -> None:
     """``evaluate_ood(..., search=True)`` for ODIN and i-ODIN, step directions shared vs inline."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     import ood.scores.odin as odin_module
-    from lossbench.framework.models import create_model
     from ood import evaluate_ood
 
-    torch.manual_seed(a.seed)
-    model = create_model(a.model_arch, a.classes, "ce", small_stem=a.model_small_stem).eval()
-    g = torch.Generator().manual_seed(a.seed)
-
-    def images(n: int) -> DataLoader:
-        x = torch.randn(n, 3, a.model_size, a.model_size, generator=g)
-        return DataLoader(TensorDataset(x, torch.randint(0, a.classes, (n,), generator=g)), batch_size=a.model_batch)
+    model, images = random_model_and_images(a)
 
     train, val, vood, test, out = (images(n) for n in (256, a.model_val, a.model_val, 256, 256))
     budget = odin_module.DIRECTION_MEMO_BYTES
