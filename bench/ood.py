@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from pathlib import Path
 

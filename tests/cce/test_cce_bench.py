@@ -6,6 +6,7 @@ Nothing is timed here; the suite itself is run by hand (``python bench/cce.py --
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -185,14 +186,14 @@ def test_a_killed_suite_table_resumes_without_rerunning_a_finished_case_round(be
     with pytest.raises(KeyboardInterrupt):
         _table(bench, store)
     assert calls == ["a", "b", "c", "c"]  # round 1 forwards, round 2 backwards
-    done = __import__("json").loads(store.read_text())
+    done = json.loads(store.read_text())
     assert [len(done["results"][c]) for c in "abc"] == [1, 1, 2]
     calls2 = _fake_runs(bench, monkeypatch)
     rows = _table(bench, store, rate=5e10)  # the rate measured when the table started is kept
     assert calls2 == ["b", "a", "a", "b", "c"]  # the rest of round 2, then round 3
     assert [len(r["rounds"]) for r in rows] == [3, 3, 3]
     assert rows[2]["rounds"] == [3.0, 4.0, 5.0]  # c: the stored rounds, then the new one
-    state = __import__("json").loads(store.read_text())
+    state = json.loads(store.read_text())
     assert state["rate"] == 1e11 and len(state["dates"]) == 9
     calls3 = _fake_runs(bench, monkeypatch)
     assert [r["rounds"] for r in _table(bench, store)] == [r["rounds"] for r in rows]
@@ -204,9 +205,9 @@ def test_a_suite_table_of_another_machine_or_setting_starts_anew(bench, monkeypa
     store = tmp_path / "t.json"
     _fake_runs(bench, monkeypatch)
     _table(bench, store)
-    state = __import__("json").loads(store.read_text())
+    state = json.loads(store.read_text())
     state["machine"]["cpu"] = "another CPU"
-    store.write_text(__import__("json").dumps(state))
+    store.write_text(json.dumps(state))
     calls = _fake_runs(bench, monkeypatch)
     _table(bench, store)
     assert len(calls) == 9 and "no table mixes machines" in capsys.readouterr().out

@@ -205,6 +205,7 @@ def test_odin_grid_points_share_the_step_directions_of_a_temperature(name, monke
                                            rtol=1e-10)
     # inline: 6 points x 18 samples; shared: 18 samples per temperature
     assert sum(backwards) == 6 * 18 + 2 * 18
+
     class Reshuffled:  # the same loader object yielding other batches the next time
         def __init__(self):
             self.calls = 0
@@ -219,11 +220,16 @@ def test_odin_grid_points_share_the_step_directions_of_a_temperature(name, monke
     assert torch.equal(other.score(model, Reshuffled()),
                        create_score(name, temperature=1.0, eps=0.05).score(model, loader(x.flip(0), batch_size=5)))
     assert sum(backwards) == 18 + 18 + 18
-    # over the budget: computed inline at every point
+    # over the budget: the directions pass stops after its first batch, then every point is inline
     monkeypatch.setattr(odin_module, "DIRECTION_MEMO_BYTES", 10)
-    big = create_score(name, temperature=100.0, eps=0.02)
-    big.pass_memo = {}
-    assert torch.equal(big.score(model, data), create_score(name, temperature=100.0, eps=0.02).score(model, data))
+    small_memo: dict = {}
+    for eps in (0.02, 0.05):
+        big = create_score(name, temperature=100.0, eps=eps)
+        big.pass_memo = small_memo
+        backwards.clear()
+        got = big.score(model, data)
+        assert sum(backwards) == (5 if eps == 0.02 else 0) + 18
+        assert torch.equal(got, create_score(name, temperature=100.0, eps=eps).score(model, data))
 
 
 # ---- RankFeat ------------------------------------------------------------------------------------
