@@ -6,9 +6,11 @@ Each seed is an ordinary ``train.py`` run (``<output>/<name>-s<seed>``), so a ki
 where it stopped: a finished run is not trained again (its training time comes from its ``log.csv``).
 After training, the run's ``best.pt`` (with ``keep: last``, the last epoch) is evaluated on the test
 split with the config's ``tta`` level (airbench's figure) and without it. The table gives, per seed,
-the training time (sum of the epochs' seconds in ``log.csv``, evaluation excluded), the test accuracy
-and the accuracy with TTA; then mean, sample standard deviation, min and max; the device, the amp
-setting and the load average are printed with it.
+the training time (sum of the epochs' seconds in ``log.csv``, evaluation excluded), the run's wall
+time (data loading, training, ``train.py``'s own evaluation and this test evaluation; ``-`` for a run
+that had finished before this invocation), the load average when the seed ended, the test accuracy
+and the accuracy with TTA; then mean, sample standard deviation, min and max; the device and the
+load average are printed with it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,6 +41,23 @@ def train_seed(argv: Sequence[str], seed: int, output: str) -> str:
         args.resume = True  # finished runs return at once; a killed one continues
     Trainer(args).fit()
     return run_dir
+
+
+def is_finished(argv: Sequence[str], seed: int, output: str) -> bool:
+    """Whether the seed's run had finished before this invocation (its wall time is then not measured)."""
+    from lossbench.framework import parse_args
+
+    args = parse_args(list(argv) + ["--seed", str(seed), "--output", output])
+    log = os.path.join(output, f"{args.name or 'run'}-s{seed}", "log.csv")
+    if not os.path.isfile(log):
+        return False
+    with open(log, newline="") as fh:
+        done = sum(1 for _ in csv.DictReader(fh))
+    return done >= math.ceil(float(args.epochs))
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def train_seconds(run_dir: str) -> float:
@@ -86,25 +106,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.max_seconds is not None and rows and time.perf_counter() - begin > args.max_seconds:
             print(f"--max-seconds {args.max_seconds:g} reached: seeds from {seed} on not run", flush=True)
             break
+        finished_before = is_finished(train_argv, seed, args.output)
         t0 = time.perf_counter()
         run_dir = train_seed(train_argv, seed, args.output)
-        wall = time.perf_counter() - t0
         acc = test_accuracy(run_dir, "auto")
-        row = dict(seed=seed, run=run_dir, train_s=train_seconds(run_dir), wall_s=wall, **acc)
+        wall = None if finished_before else time.perf_counter() - t0
+        row = dict(seed=seed, run=run_dir, train_s=train_seconds(run_dir), wall_s=wall,
+                   load_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, **acc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     level = rows[0]["tta_level"] if rows else 0
     dev = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{len(rows)} seeds on {dev}, torch {torch.__version__}, load average {load:.1f}")
-    print(f"| seed | train s | test acc | test acc, TTA {level} |\n|---|---|---|---|")
+    print(f"| seed | train s | wall s | load | test acc | test acc, TTA {level} |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['train_s']:.1f} | {100 * r['tta0']:.2f} | {100 * r.get(f'tta{level}', r['tta0']):.2f} |")
-    print(f"| mean ± sd | {statistics.mean(r['train_s'] for r in rows):.1f} | {summary([r['tta0'] for r in rows])} "
-          f"| {summary([r.get(f'tta{level}', r['tta0']) for r in rows])} |")
+        print(f"| {r['seed']} | {r['train_s']:.1f} | {_fmt(r['wall_s'], '.0f')} | {_fmt(r['load_end'], '.1f')} "
+              f"| {100 * r['tta0']:.2f} | {100 * r.get(f'tta{level}', r['tta0']):.2f} |")
+    walls = [r["wall_s"] for r in rows if r["wall_s"] is not None]
+    print(f"| mean ± sd | {statistics.mean(r['train_s'] for r in rows):.1f} "
+          f"| {_fmt(statistics.mean(walls) if walls else None, '.0f')} | "
+          f"| {summary([r['tta0'] for r in rows])} | {summary([r.get(f'tta{level}', r['tta0']) for r in rows])} |")
     if args.json:
-        with open(args.json, "w") as fh:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
             json.dump(rows, fh, indent=1)
+        os.replace(tmp, args.json)
     return 0
 
 
