@@ -25,7 +25,7 @@ def test_cache_is_reused_and_matches_the_decoded_pixels(tmp_path, make_image_fol
     b = _decode(root, tmp_path / "cache")
     assert b.cache_hit and torch.equal(a.images, b.images) and a.targets == b.targets
     ref = SPEC.pil_steps()(ImageFolder(str(root))[5][0])
-    assert torch.equal(a.images[5], torch.from_numpy(np.asarray(ref)).permute(2, 0, 1))
+    assert torch.equal(a.images[5], torch.from_numpy(np.array(ref)).permute(2, 0, 1))
     mem = decode_image_folder(ImageFolder(str(root)), 32, 3, SPEC.pil_steps(), None)
     assert not mem.cache_hit and torch.equal(mem.images, a.images)
 
