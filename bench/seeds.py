@@ -7,8 +7,9 @@ where it stopped: a finished run is not trained again (its training time comes f
 After training, the run's ``best.pt`` (with ``keep: last``, the last epoch) is evaluated on the test
 split with the config's ``tta`` level (airbench's figure) and without it. The table gives, per seed,
 the training time (sum of the epochs' seconds in ``log.csv``, evaluation excluded), the run's wall
-time (data loading, training, ``train.py``'s own evaluation and this test evaluation; ``-`` for a run
-that had finished before this invocation), the load average when the seed ended, the test accuracy
+time (data loading, training, ``train.py``'s own evaluation and this test evaluation; only this
+invocation's part for a run resumed after a kill; ``-`` for a run that had finished before this
+invocation), the load average when the seed ended, the test accuracy
 and the accuracy with TTA; then mean, sample standard deviation, min and max; the device and the
 load average are printed with it.
 """
