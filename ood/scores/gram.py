@@ -96,7 +96,8 @@ class GRAM(OODScore):
     data with labels (passes at fit: labels, then ranges; the held-out samples' row sums are kept
     from the ranges pass and scored once the ranges are final, or, when they would take more than
     ``held_out_bytes``, re-computed by a third pass; the loader must yield the same order each
-    time). A model without such modules, a class without training samples, no held-out sample, or a layer whose held-out deviation is 0 (``n_l = 0``) raises
+    time). A model without such modules, a class without training samples, no held-out sample, or
+    a layer whose held-out deviation is 0 (``n_l = 0``) raises
     :class:`~ood.scores.feature_base.ScoreNotApplicable`.
     """
 
