@@ -165,7 +165,7 @@ def test_readme_commands_run_in_order_without_colliding(monkeypatch):
             folder = os.path.normpath(_flag(argv, "--run"))
             assert folder in made, f"`{shown}` evaluates {folder}, which no earlier train command makes"
         else:
-            config = yaml.safe_load(open(_flag(argv, "-c")))
+            config = yaml.safe_load(Path(_flag(argv, "-c")).read_text())
             folder = os.path.normpath(_flag(argv, "--out") or config["output"])
             # runs of one grid may be narrowed (--losses / --seeds / --scores) and re-tabled
             # (--leaderboard-only) into the same folder; anything else must match
