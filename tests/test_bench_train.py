@@ -26,5 +26,8 @@ def test_shift_each_crops_every_image_at_its_own_offset():
     torch.manual_seed(1)
     offsets = torch.randint(0, 5, (64, 2))  # the draw shift_each makes
     assert len({tuple(o) for o in offsets.tolist()}) > 1  # several offsets in one batch
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    by_hand = torch.stack([padded[i, :, t:t + 32, l:l + 32] for i, (t, l) in enumerate(offsets.tolist())])
+    assert torch.equal(out, by_hand)  # each image sliced at its own offset
     ref = crop_flip_batch(x, offsets[:, 0], offsets[:, 1], torch.zeros(64, dtype=torch.bool), 2, "reflect")
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref)  # and the trainer's crop for the same offsets
