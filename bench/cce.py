@@ -227,6 +227,22 @@ def target_lines(kind: str, rows: List[dict]) -> List[str]:
             f"({ours['extra_mib']:.0f} MiB vs {lean['extra_mib']:.0f} for {lean['case']})"]
 
 
+def block_lines(n: int, v: int, rows: List[dict]) -> List[str]:
+    """Low-precision CPU tables: ours beyond the gradients and one float32 logits block, the part
+    of its memory that must not grow with V (the block itself follows :func:`block_rows`)."""
+    import torch
+    from lossbench.cce.dispatch import block_rows
+
+    ours = next((r for r in rows if r["case"] == "lossbench ext" and "time" in r), None)
+    if ours is None:
+        return []
+    r = block_rows(n, v, torch.device("cpu"))
+    block = r * v * 4 / 2 ** 20
+    return [f"memory: {ours['extra_mib'] - ours['grads_mib']:.0f} MiB beyond the gradients, of "
+            f"which one float32 logits block of {r} x {v} is {block:.0f} MiB; "
+            f"{ours['extra_mib'] - ours['grads_mib'] - block:.0f} MiB beyond both"]
+
+
 def rss_mib(field: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -529,11 +545,11 @@ def table(n: int, d: int, v: int, device: str, reps: int, timeout: float, kind: 
     alt = [r["time"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
     alt_mem = [r["extra_mib"] for r in rows if r["case"] in ALTERNATIVES and "time" in r]
     best = min(alt) if alt else float("nan")
-    print(f"{kind}, {dtype}, N={n}, D={d}, V={v}: 3-GEMM bound {bound:.2f} s; best alternative "
-          f"{best:.2f} s, least alternative extra memory "
-          f"{min(alt_mem) if alt_mem else float('nan'):.0f} MiB; median of {rounds} alternating "
-          f"round(s)" + (f"; run {state['dates'][0]} to {state['dates'][-1]}" if state["dates"]
-                         else ""))
+    alts = (f"best alternative {best:.2f} s, least alternative extra memory {min(alt_mem):.0f} MiB"
+            if alt else "no alternative in this table")
+    print(f"{kind}, {dtype}, N={n}, D={d}, V={v}: 3-GEMM bound {bound:.2f} s; {alts}; median of "
+          f"{rounds} alternating round(s)"
+          + (f"; run {state['dates'][0]} to {state['dates'][-1]}" if state["dates"] else ""))
     print("| impl | time (s) | rounds (s) | extra peak MiB | beyond grads MiB | vs best alt "
           "| of 3-GEMM bound (run's own rate) | tiles skipped | load avg (max) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -551,6 +567,9 @@ def table(n: int, d: int, v: int, device: str, reps: int, timeout: float, kind: 
               f"{'' if sk != sk else f'{100 * sk:.0f}%'} | {r['load']:.1f} |")
     if targets and dtype == "float32":
         for line in target_lines(kind, rows):
+            print(line)
+    if targets and dtype != "float32" and device == "cpu":
+        for line in block_lines(n, v, rows):
             print(line)
     print(flush=True)
     return rows
@@ -654,7 +673,7 @@ def main() -> None:
         for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts, vocab=args.vocab):
             table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
                   t["kind"], t["dtype"], available(t["cases"], args.device), rate,
-                  t.get("title", ""), rounds=rounds, targets=t["part"] in ("dense", "peaked"),
+                  t.get("title", ""), rounds=rounds, targets=t["part"] in ("dense", "peaked", "bf16", "llm"),
                   store=table_file(args.out, t) if args.out else None, part=t["part"])
         if args.parts is None or "bound" in args.parts:
             if args.smoke:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,26 @@ def test_peaked_targets_state_the_bound_that_filtering_allows(bench):
     assert "missed (1.50x)" not in lines[0] and "met (1.50x)" in lines[0]
     assert "are 53% of the floor's, 5.33 s: at most 2.25x faster" in lines[1]
     assert len(bench.target_lines("peaked", rows[:2])) == 1  # no floor row: no bound line
+
+
+def test_a_table_without_alternatives_says_so_and_bf16_prints_its_block(bench, monkeypatch,
+                                                                       capsys):
+    _fake_runs(bench, monkeypatch)
+    bench.table(64, 8, 8192, "cpu", 1, 10.0, "dense", "bfloat16", ["lossbench ext"], 1e11,
+                rounds=1, targets=True, part="bf16")
+    out = capsys.readouterr().out
+    assert "no alternative in this table" in out and "nan" not in out.split("\n")[0]
+    # 64 rows (N) of V = 8192 float32 = 2 MiB; the fake case holds 1.0 - 0.5 MiB beyond the grads
+    assert "memory: 0 MiB beyond the gradients, of which one float32 logits block of 64 x 8192 " \
+           "is 2 MiB; -2 MiB beyond both" in out
+
+
+def test_the_suite_prints_targets_under_the_llm_shaped_table(bench, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench, "table", lambda *a, **k: seen.append((k["part"], k["targets"])))
+    monkeypatch.setattr(bench, "bound_check", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e11, raising=False)
+    monkeypatch.setattr(sys, "argv", ["cce.py", "--suite", "--smoke", "--parts", "llm", "bf16"])
+    bench.main()
+    assert seen and all(targets for _, targets in seen)
+    assert {part for part, _ in seen} == {"llm", "bf16"}
