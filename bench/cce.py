@@ -227,6 +227,40 @@ def target_lines(kind: str, rows: List[dict]) -> List[str]:
             f"({ours['extra_mib']:.0f} MiB vs {lean['extra_mib']:.0f} for {lean['case']})"]
 
 
+def summary(done: List[tuple]) -> None:
+    """One line per suite table: ours against the best and the leanest alternative, in time and
+    in memory beyond the gradients, and the float32 targets met or missed (the README's table)."""
+    print("summary (ours = lossbench ext; memory beyond the gradients):")
+    print("| table | ours (s) | best alternative (s) | ours vs best | ours beyond grads MiB | "
+          "least alternative beyond grads MiB | targets |")
+    print("|---|---|---|---|---|---|---|")
+    for t, rows in done:
+        name = f"{t['kind']} {t['dtype']}, N={t['n']}, D={t['d']}, V={t['v']}"
+        by = {r["case"]: r for r in rows if "time" in r}
+        ours = by.get("lossbench ext")
+        alts = [r for c, r in by.items() if c in ALTERNATIVES]
+        if ours is None:
+            print(f"| {name} | not measured | | | | | |")
+            continue
+        beyond = ours["extra_mib"] - ours["grads_mib"]
+        if not alts:
+            print(f"| {name} | {ours['time']:.3g} | - | - | {beyond:.0f} | - | - |")
+            continue
+        best = min(alts, key=lambda r: r["time"])
+        lean = min(alts, key=lambda r: r["extra_mib"])
+        ratio = ours["time"] / best["time"]
+        if t["kind"] == "peaked":
+            marks = f">= {PEAKED_TARGET}x faster: {'met' if 1 / ratio >= PEAKED_TARGET else 'missed'}"
+        else:
+            marks = (f"time: {'met' if ratio <= DENSE_TARGET else 'missed'}; least memory: "
+                     f"{'met' if ours['extra_mib'] < lean['extra_mib'] else 'missed'}")
+        print(f"| {name} | {ours['time']:.3g} | {best['time']:.3g} ({best['case']}) | "
+              f"{ratio:.2f}x | {beyond:.0f} | "
+              f"{lean['extra_mib'] - lean['grads_mib']:.0f} ({lean['case']}) | "
+              f"{marks if t['dtype'] == 'float32' else '-'} |")
+    print(flush=True)
+
+
 def block_lines(n: int, v: int, rows: List[dict]) -> List[str]:
     """Low-precision CPU tables: ours beyond the gradients and one float32 logits block, the part
     of its memory that must not grow with V (the block itself follows :func:`block_rows`)."""
@@ -670,11 +704,15 @@ def main() -> None:
     if args.suite:
         # The issue's shapes (N = 8192, D = 512, V in {32768, 131072, 262144}), bf16 and the
         # LLM-shaped case; the targets are printed under each float32 table.
+        done = []
         for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts, vocab=args.vocab):
-            table(t["n"], t["d"], t["v"], args.device, reps, min(args.timeout, t["timeout"]),
-                  t["kind"], t["dtype"], available(t["cases"], args.device), rate,
-                  t.get("title", ""), rounds=rounds, targets=t["part"] in ("dense", "peaked", "bf16", "llm"),
-                  store=table_file(args.out, t) if args.out else None, part=t["part"])
+            rows = table(t["n"], t["d"], t["v"], args.device, reps,
+                         min(args.timeout, t["timeout"]), t["kind"], t["dtype"],
+                         available(t["cases"], args.device), rate, t.get("title", ""),
+                         rounds=rounds, targets=True,
+                         store=table_file(args.out, t) if args.out else None, part=t["part"])
+            done.append((t, rows))
+        summary(done)
         if args.parts is None or "bound" in args.parts:
             if args.smoke:
                 bound_check(256, 32, 2048, rows=64)

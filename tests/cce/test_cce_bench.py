@@ -247,10 +247,33 @@ def test_a_table_without_alternatives_says_so_and_bf16_prints_its_block(bench, m
 
 def test_the_suite_prints_targets_under_the_llm_shaped_table(bench, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(bench, "table", lambda *a, **k: seen.append((k["part"], k["targets"])))
+    monkeypatch.setattr(bench, "table",
+                        lambda *a, **k: seen.append((k["part"], k["targets"])) or [])
     monkeypatch.setattr(bench, "bound_check", lambda *a, **k: None)
     monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e11, raising=False)
     monkeypatch.setattr(sys, "argv", ["cce.py", "--suite", "--smoke", "--parts", "llm", "bf16"])
     bench.main()
     assert seen and all(targets for _, targets in seen)
     assert {part for part, _ in seen} == {"llm", "bf16"}
+
+
+def test_the_summary_has_one_line_per_table_with_its_targets(bench, capsys):
+    alt = bench.ALTERNATIVES
+
+    def row(case, time, mib):
+        return dict(_row(case, time, mib), grads_mib=10.0)
+
+    dense = dict(kind="dense", dtype="float32", n=8, d=4, v=64)
+    peaked = dict(dense, kind="peaked")
+    bf16 = dict(dense, dtype="bfloat16")
+    bench.summary([(dense, [row("lossbench ext", 9.0, 100.0), row(alt[3], 10.0, 300.0),
+                            row(alt[2], 20.0, 50.0)]),
+                   (peaked, [row("lossbench ext", 6.0, 100.0), row(alt[3], 9.0, 300.0)]),
+                   (bf16, [row("lossbench ext", 2.0, 40.0)]),
+                   (dense, [row(alt[3], 1.0, 1.0)])])
+    lines = capsys.readouterr().out.strip().split("\n")[3:]
+    assert len(lines) == 4
+    assert "| 0.90x | 90 | 40 (" in lines[0] and "time: met; least memory: missed |" in lines[0]
+    assert "| 0.67x |" in lines[1] and ">= 1.5x faster: met |" in lines[1]
+    assert lines[2].endswith("| 2 | - | - | 30 | - | - |")
+    assert "not measured" in lines[3]
