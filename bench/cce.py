@@ -250,7 +250,8 @@ def summary(done: List[tuple]) -> None:
         lean = min(alts, key=lambda r: r["extra_mib"])
         ratio = ours["time"] / best["time"]
         if t["kind"] == "peaked":
-            marks = f">= {PEAKED_TARGET}x faster: {'met' if 1 / ratio >= PEAKED_TARGET else 'missed'}"
+            met = 1 / ratio >= PEAKED_TARGET
+            marks = f">= {PEAKED_TARGET}x faster: {'met' if met else 'missed'}"
         else:
             marks = (f"time: {'met' if ratio <= DENSE_TARGET else 'missed'}; least memory: "
                      f"{'met' if ours['extra_mib'] < lean['extra_mib'] else 'missed'}")
