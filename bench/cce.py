@@ -197,6 +197,15 @@ def combine_rounds(case: str, results: List[dict]) -> dict:
     return row
 
 
+def targets_met(kind: str, ours: dict, best: dict, lean: dict) -> List[bool]:
+    """Peaked: [>= PEAKED_TARGET x faster than ``best``]; dense: [time <= DENSE_TARGET x
+    ``best``'s, less extra memory than ``lean``] (the fastest and the leanest alternative)."""
+    ratio = ours["time"] / best["time"]
+    if kind == "peaked":
+        return [1.0 / ratio >= PEAKED_TARGET]
+    return [ratio <= DENSE_TARGET, ours["extra_mib"] < lean["extra_mib"]]
+
+
 def target_lines(kind: str, rows: List[dict]) -> List[str]:
     """The issue's targets for this table, met or missed, from its rows."""
     by = {r["case"]: r for r in rows if "time" in r}
@@ -205,11 +214,13 @@ def target_lines(kind: str, rows: List[dict]) -> List[str]:
     if ours is None or not alts:
         return ["targets: not measured (lossbench ext or every alternative missing)"]
     best = min(alts, key=lambda r: r["time"])
+    lean = min(alts, key=lambda r: r["extra_mib"])
+    met = targets_met(kind, ours, best, lean)
     ratio = ours["time"] / best["time"]
     if kind == "peaked":
         speedup = 1.0 / ratio
         lines = [f"target: >= {PEAKED_TARGET}x faster than the best alternative ({best['case']}): "
-                 f"{'met' if speedup >= PEAKED_TARGET else 'missed'} ({speedup:.2f}x)"]
+                 f"{'met' if met[0] else 'missed'} ({speedup:.2f}x)"]
         skipped, floor = ours.get("skipped", float("nan")), by.get(FLOOR)
         if skipped == skipped and floor is not None:
             # The logits GEMM is always needed; the two gradient GEMMs only over the kept tiles.
@@ -219,11 +230,10 @@ def target_lines(kind: str, rows: List[dict]) -> List[str]:
                          f"most {best['time'] / (share * floor['time']):.2f}x faster than the best "
                          f"alternative with nothing else in the pass")
         return lines
-    lean = min(alts, key=lambda r: r["extra_mib"])
     return [f"target: time <= {DENSE_TARGET}x the best alternative ({best['case']}): "
-            f"{'met' if ratio <= DENSE_TARGET else 'missed'} ({ratio:.2f}x)",
+            f"{'met' if met[0] else 'missed'} ({ratio:.2f}x)",
             f"target: least extra memory of all: "
-            f"{'met' if ours['extra_mib'] < lean['extra_mib'] else 'missed'} "
+            f"{'met' if met[1] else 'missed'} "
             f"({ours['extra_mib']:.0f} MiB vs {lean['extra_mib']:.0f} for {lean['case']})"]
 
 
@@ -249,12 +259,10 @@ def summary(done: List[tuple]) -> None:
         best = min(alts, key=lambda r: r["time"])
         lean = min(alts, key=lambda r: r["extra_mib"])
         ratio = ours["time"] / best["time"]
-        if t["kind"] == "peaked":
-            met = 1 / ratio >= PEAKED_TARGET
-            marks = f">= {PEAKED_TARGET}x faster: {'met' if met else 'missed'}"
-        else:
-            marks = (f"time: {'met' if ratio <= DENSE_TARGET else 'missed'}; least memory: "
-                     f"{'met' if ours['extra_mib'] < lean['extra_mib'] else 'missed'}")
+        met = targets_met(t["kind"], ours, best, lean)
+        word = {True: "met", False: "missed"}
+        marks = (f">= {PEAKED_TARGET}x faster: {word[met[0]]}" if t["kind"] == "peaked" else
+                 f"time: {word[met[0]]}; least memory: {word[met[1]]}")
         print(f"| {name} | {ours['time']:.3g} | {best['time']:.3g} ({best['case']}) | "
               f"{ratio:.2f}x | {beyond:.0f} | "
               f"{lean['extra_mib'] - lean['grads_mib']:.0f} ({lean['case']}) | "
@@ -704,7 +712,8 @@ def main() -> None:
         print(f"note: {note}\n", flush=True)
     if args.suite:
         # The issue's shapes (N = 8192, D = 512, V in {32768, 131072, 262144}), bf16 and the
-        # LLM-shaped case; the targets are printed under each float32 table.
+        # LLM-shaped case; the targets under each float32 table, ours beyond one logits block
+        # under each bf16 one, and a summary line per table at the end.
         done = []
         for t in suite_tables(args.d, smoke=args.smoke, parts=args.parts, vocab=args.vocab):
             rows = table(t["n"], t["d"], t["v"], args.device, reps,
